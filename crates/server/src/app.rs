@@ -1,0 +1,177 @@
+//! Assembly: opens the stores, starts relays and consumers, builds the router,
+//! and shuts everything down in order.
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::probe::Probe;
+use anyhow::Context;
+use flowline_store::outbox::Relay;
+use flowline_store::{Backend, Db, EventLog};
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub struct AppState {
+    pub settings: Settings,
+    pub log: EventLog,
+    pub metrics: Metrics,
+    /// Every service database, for readiness.
+    pub databases: Vec<(&'static str, Db)>,
+    pub probe: Option<Probe>,
+}
+
+impl AppState {
+    /// `Err(name)` of the first store that does not answer.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.log
+            .db()
+            .ping()
+            .await
+            .map_err(|_| "event log".to_owned())?;
+        for (name, db) in &self.databases {
+            db.ping().await.map_err(|_| format!("{name} database"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies every context's migrations (enabled or not) without starting any work.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let backend = settings.backend()?;
+    let _lock = match &backend {
+        Backend::Sqlite { dir, .. } => Some(DataDirLock::acquire(dir)?),
+        Backend::Postgres { .. } => None,
+    };
+    let log = EventLog::open(&backend, settings.log_options()).await?;
+    log.db().close().await;
+    let probe = Db::open(&backend, "probe").await?;
+    crate::probe::migrate(&probe).await?;
+    probe.close().await;
+    Ok(())
+}
+
+/// The running application: state plus background tasks.
+pub struct App {
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    relays: Vec<JoinHandle<()>>,
+    consumers: Vec<JoinHandle<()>>,
+    housekeeping: Vec<JoinHandle<()>>,
+    _lock: Option<DataDirLock>,
+}
+
+impl App {
+    /// Opens stores (applying migrations) and starts background work.
+    pub async fn start(settings: Settings) -> anyhow::Result<App> {
+        let backend = settings.backend()?;
+        let lock = match &backend {
+            Backend::Sqlite { dir, .. } => Some(DataDirLock::acquire(dir)?),
+            Backend::Postgres { .. } => None,
+        };
+        let log = EventLog::open(&backend, settings.log_options()).await?;
+        let metrics = Metrics::new(log.metrics());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut databases = Vec::new();
+        let mut relays = Vec::new();
+        let mut consumers = Vec::new();
+
+        let probe = if settings.probe.enabled {
+            let db = Db::open(&backend, "probe").await?;
+            let relay = Relay::new(db.clone(), log.clone());
+            let (probe, tasks) =
+                Probe::start(db.clone(), relay.clone(), &log, shutdown_rx.clone()).await?;
+            consumers.extend(tasks);
+            relays.push(tokio::spawn(relay.run(shutdown_rx.clone())));
+            databases.push(("probe", db));
+            Some(probe)
+        } else {
+            None
+        };
+
+        let housekeeping = vec![tokio::spawn(retention(
+            log.clone(),
+            settings.clone(),
+            shutdown_rx.clone(),
+        ))];
+        let state = Arc::new(AppState {
+            settings,
+            log,
+            metrics,
+            databases,
+            probe,
+        });
+        Ok(App {
+            state,
+            shutdown,
+            relays,
+            consumers,
+            housekeeping,
+            _lock: lock,
+        })
+    }
+
+    /// Stops background work: relays flush their outboxes first (so every
+    /// committed event reaches the log), then consumers finish the event in hand.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.relays {
+            let _ = t.await;
+        }
+        for t in self.consumers.into_iter().chain(self.housekeeping) {
+            let _ = t.await;
+        }
+        for (_, db) in &self.state.databases {
+            db.close().await;
+        }
+        self.state.log.db().close().await;
+    }
+}
+
+async fn retention(log: EventLog, settings: Settings, mut shutdown: watch::Receiver<bool>) {
+    let e = &settings.eventlog;
+    let age = Some(e.retention_max_age.0).filter(|d| !d.is_zero());
+    let bytes = Some(e.retention_max_bytes).filter(|b| *b > 0);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(e.retention_interval.0) => {}
+            _ = shutdown.changed() => return,
+        }
+        match log.enforce_retention(age, bytes).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(dropped = n, "retention dropped old events"),
+            Err(err) => tracing::warn!(error = %err, "retention pass failed"),
+        }
+    }
+}
+
+/// An exclusive lock on the data directory: two servers writing one SQLite
+/// data dir would each believe they own its consumer groups.
+pub struct DataDirLock(#[allow(dead_code)] File);
+
+impl DataDirLock {
+    pub fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("data dir {}: cannot create it", dir.display()))?;
+        let path = dir.join("flowline.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| {
+                format!("data dir {}: cannot open {}", dir.display(), path.display())
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(DataDirLock(file)),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "data dir {} is locked by another running flowline process; stop it or use another --data-dir",
+                dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("data dir {}: cannot lock {}", dir.display(), path.display()))
+            }
+        }
+    }
+}

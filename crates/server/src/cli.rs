@@ -1,0 +1,331 @@
+//! Command line: `serve`, `migrate`, `config show`, `events …`, `bench …`.
+//! `--config` and `--data-dir` are global: accepted before or after a subcommand.
+
+use crate::app::App;
+use crate::config::{self, Settings};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flowline_store::{EventLog, ReplayFrom};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flowline",
+    version,
+    about = "An event-driven backend platform in one binary"
+)]
+pub struct Cli {
+    /// Settings file (default: ./flowline.toml when present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory for embedded backends (default: ./data).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve {
+        /// Address to listen on (default 127.0.0.1:8080; port 0 picks a free one).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Apply every pending migration and exit.
+    Migrate,
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect and operate the event log.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Run a benchmark scenario.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (secrets redacted).
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print a topic's events as JSON lines.
+    Tail {
+        topic: String,
+        /// `earliest`, `latest`, an offset, or an RFC 3339 time.
+        #[arg(long, default_value = "earliest")]
+        from: ReplayFrom,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Keep printing new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Topics with their partitions, event counts and sizes.
+    Topics(JsonFlag),
+    /// Consumer groups: position and lag per partition.
+    Groups(JsonFlag),
+    /// Move a consumer group's position (replays or skips events).
+    Replay {
+        #[arg(long)]
+        group: String,
+        /// Only this topic (default: every topic the group consumes).
+        #[arg(long)]
+        topic: Option<String>,
+        /// `earliest`, `latest`, an offset, or an RFC 3339 time.
+        #[arg(long)]
+        from: ReplayFrom,
+    },
+    /// Dead letters: list them, or send them back to their group.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    List {
+        #[arg(long)]
+        group: Option<String>,
+        /// Include resolved entries.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark dead letters for redelivery; the running server retries them.
+    Retry {
+        #[arg(long, conflicts_with = "all")]
+        id: Option<i64>,
+        #[arg(long)]
+        group: Option<String>,
+        /// Every dead letter (of `--group`, if given).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+pub fn settings(cli: &Cli) -> anyhow::Result<Settings> {
+    let mut s = config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(d) = &cli.data_dir {
+        s.data_dir = d.clone();
+    }
+    Ok(s)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut settings = settings(&cli)?;
+    match cli.command {
+        Command::Serve { listen } => {
+            if let Some(l) = listen {
+                settings.server.listen = l;
+            }
+            crate::telemetry::init(&settings.log);
+            serve(settings).await
+        }
+        Command::Migrate => {
+            crate::telemetry::init(&settings.log);
+            crate::app::migrate(&settings).await?;
+            println!("migrations applied ({})", settings.backend()?.name());
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Show) => {
+            print!("{}", settings.redacted_toml());
+            Ok(())
+        }
+        Command::Events(cmd) => events(settings, cmd).await,
+        Command::Bench(cmd) => crate::bench::run(settings, cmd).await,
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let listen = settings.server.listen;
+    let grace = settings.server.shutdown_grace.0;
+    let app = App::start(settings).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let router = crate::http::router(app.state.clone(), api_routes());
+    tracing::info!(%addr, backend = app.state.log.db().backend_name(), "flowline listening");
+    // The one line on stdout: scripts and tests read the bound address here.
+    println!("flowline listening on http://{addr}");
+    std::io::stdout().flush().ok();
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+        Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+    }
+    app.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn api_routes() -> axum::Router<std::sync::Arc<crate::app::AppState>> {
+    axum::Router::new().merge(crate::probe::routes())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn open_log(settings: &Settings) -> anyhow::Result<EventLog> {
+    Ok(EventLog::open(&settings.backend()?, settings.log_options()).await?)
+}
+
+async fn events(settings: Settings, cmd: EventsCommand) -> anyhow::Result<()> {
+    let log = open_log(&settings).await?;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        EventsCommand::Tail {
+            topic,
+            from,
+            limit,
+            follow,
+        } => {
+            let mut printed: HashMap<i32, i64> = HashMap::new();
+            let mut cursor = from;
+            loop {
+                let batch = log.tail(&topic, cursor, limit).await?;
+                for ev in &batch {
+                    if printed.get(&ev.partition).is_some_and(|o| ev.offset <= *o) {
+                        continue;
+                    }
+                    printed.insert(ev.partition, ev.offset);
+                    writeln!(out, "{}", serde_json::to_string(ev)?)?;
+                }
+                out.flush()?;
+                if !follow {
+                    break;
+                }
+                if let Some(last) = batch.last() {
+                    cursor = ReplayFrom::Time(last.appended_at);
+                } else if cursor == ReplayFrom::Latest {
+                    cursor = ReplayFrom::Time(flowline_core::Timestamp::now());
+                }
+                if batch.len() as i64 >= limit {
+                    continue;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
+        }
+        EventsCommand::Topics(f) => {
+            let topics = log.topics().await?;
+            if f.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&topics)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<32} {:>10} {:>12} {:>14}",
+                    "TOPIC", "PARTITIONS", "EVENTS", "BYTES"
+                )?;
+                for t in topics {
+                    writeln!(
+                        out,
+                        "{:<32} {:>10} {:>12} {:>14}",
+                        t.topic, t.partitions, t.events, t.bytes
+                    )?;
+                }
+            }
+        }
+        EventsCommand::Groups(f) => {
+            let groups = log.groups().await?;
+            if f.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&groups)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<24} {:<24} {:>9} {:>12} {:>12} {:>8}",
+                    "GROUP", "TOPIC", "PARTITION", "POSITION", "END", "LAG"
+                )?;
+                for g in groups {
+                    writeln!(
+                        out,
+                        "{:<24} {:<24} {:>9} {:>12} {:>12} {:>8}",
+                        g.group, g.topic, g.partition, g.next_offset, g.end_offset, g.lag
+                    )?;
+                }
+            }
+        }
+        EventsCommand::Replay { group, topic, from } => {
+            let n = log.replay(&group, topic.as_deref(), from).await?;
+            writeln!(out, "group {group}: {n} partition(s) repositioned")?;
+        }
+        EventsCommand::Dlq(DlqCommand::List { group, all, json }) => {
+            let dl = log.dead_letters(group.as_deref(), all).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&dl)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:>6} {:<20} {:<20} {:>4} {:>8} {:<9} {:>8}  ERROR",
+                    "ID", "GROUP", "TOPIC", "PART", "OFFSET", "STATUS", "ATTEMPTS"
+                )?;
+                for d in dl {
+                    writeln!(
+                        out,
+                        "{:>6} {:<20} {:<20} {:>4} {:>8} {:<9} {:>8}  {}",
+                        d.id,
+                        d.group,
+                        d.topic,
+                        d.partition,
+                        d.offset,
+                        d.status,
+                        d.attempts,
+                        d.error
+                    )?;
+                }
+            }
+        }
+        EventsCommand::Dlq(DlqCommand::Retry { id, group, all }) => {
+            if id.is_none() && !all {
+                anyhow::bail!(
+                    "say which dead letters to retry: --id N, or --all (optionally with --group G)"
+                );
+            }
+            let n = log.retry_dead_letters(id, group.as_deref()).await?;
+            writeln!(
+                out,
+                "{n} dead letter(s) marked for retry; the running server redelivers them"
+            )?;
+        }
+    }
+    log.db().close().await;
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! Typed settings: defaults < `flowline.toml` (or `--config FILE`) < environment
+//! (`FLOWLINE__SECTION__KEY`) < command-line flags. Unknown keys and bad values
+//! stop start-up with a message naming the key.
+
+use anyhow::{anyhow, bail, Context};
+use flowline_store::Durability;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where embedded backends keep their files.
+    pub data_dir: PathBuf,
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub eventlog: EventLogSettings,
+    pub log: LogSettings,
+    pub probe: ProbeSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub request_timeout: HumanDuration,
+    pub body_limit_bytes: usize,
+    /// How long in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace: HumanDuration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://` (files under data_dir), `sqlite://DIR`, or `postgres://…`.
+    pub url: String,
+    pub durability: Durability,
+    /// Prefix for per-service PostgreSQL schemas (lets several deployments share a database).
+    pub schema_prefix: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventLogSettings {
+    pub partitions: u32,
+    pub max_attempts: u32,
+    pub backoff_base: HumanDuration,
+    pub backoff_max: HumanDuration,
+    pub fetch_batch: i64,
+    /// Events older than this are dropped. `0s` keeps them forever.
+    pub retention_max_age: HumanDuration,
+    /// Per topic; the oldest events beyond it are dropped. 0 means no limit.
+    pub retention_max_bytes: u64,
+    pub retention_interval: HumanDuration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, pretty otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info,flowline_store=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeSettings {
+    /// Mounts the diagnostic `probe` context (`/api/v1/probe/…`).
+    pub enabled: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./data"),
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            eventlog: EventLogSettings::default(),
+            log: LogSettings::default(),
+            probe: ProbeSettings::default(),
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            request_timeout: HumanDuration(Duration::from_secs(30)),
+            body_limit_bytes: 1024 * 1024,
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: "sqlite://".into(),
+            durability: Durability::Full,
+            schema_prefix: String::new(),
+            max_connections: 16,
+        }
+    }
+}
+
+impl Default for EventLogSettings {
+    fn default() -> Self {
+        EventLogSettings {
+            partitions: 4,
+            max_attempts: 5,
+            backoff_base: HumanDuration(Duration::from_millis(100)),
+            backoff_max: HumanDuration(Duration::from_secs(10)),
+            fetch_batch: 1000,
+            retention_max_age: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+            retention_max_bytes: 1 << 30,
+            retention_interval: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A duration written `250ms`, `30s`, `15m`, `24h` or `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration like 30s, 15m, 7d"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            _ => return Err(format!("`{s}` has no unit: use ms, s, m, h or d")),
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl std::fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 86_400_000 == 0 && ms > 0 {
+            write!(f, "{}d", ms / 86_400_000)
+        } else if ms % 3_600_000 == 0 && ms > 0 {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 && ms > 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else if ms % 1000 == 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+const ENV_PREFIX: &str = "FLOWLINE__";
+
+/// Loads settings. `file` is `--config`; without it `./flowline.toml` is read
+/// if present. `env` is the process environment (a parameter for tests).
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<Settings> {
+    let mut root = toml::Table::new();
+    let path = match file {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(PathBuf::from("flowline.toml")).filter(|p| p.exists()),
+    };
+    if let Some(path) = &path {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        root = text.parse::<toml::Table>().map_err(|e| {
+            anyhow!(
+                "config file {} is not valid TOML: {}",
+                path.display(),
+                e.message()
+            )
+        })?;
+    }
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            bail!("environment variable {name}: empty key segment");
+        }
+        set_path(&mut root, &keys, env_value(&value))
+            .map_err(|e| anyhow!("environment variable {name}: {e}"))?;
+    }
+    let settings: Settings =
+        serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().message().to_owned();
+            if path == "." {
+                anyhow!("invalid configuration: {inner}")
+            } else {
+                anyhow!("invalid configuration key `{path}`: {inner}")
+            }
+        })?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// An environment value is read as a TOML scalar when it is one (`8`, `true`),
+/// otherwise as a string (URLs, durations, paths).
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table())
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(root: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = keys.split_last().expect("at least one key");
+    let mut table = root;
+    for k in parents {
+        let entry = table
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{k}` is not a section"))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+impl Settings {
+    fn validate(&self) -> anyhow::Result<()> {
+        let e = &self.eventlog;
+        if !(1..=1024).contains(&e.partitions) {
+            bail!(
+                "invalid configuration key `eventlog.partitions`: must be 1..=1024, got {}",
+                e.partitions
+            );
+        }
+        if e.max_attempts == 0 {
+            bail!("invalid configuration key `eventlog.max_attempts`: must be at least 1");
+        }
+        if !(1..=100_000).contains(&e.fetch_batch) {
+            bail!("invalid configuration key `eventlog.fetch_batch`: must be 1..=100000");
+        }
+        if self.server.body_limit_bytes == 0 {
+            bail!("invalid configuration key `server.body_limit_bytes`: must be positive");
+        }
+        if self.database.max_connections == 0 {
+            bail!("invalid configuration key `database.max_connections`: must be positive");
+        }
+        let url = &self.database.url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            bail!(
+                "invalid configuration key `database.url`: `{}` is not sqlite://… or postgres://…",
+                flowline_store::redact_url(url)
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective settings as TOML, with secrets redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database.url = flowline_store::redact_url(&shown.database.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    pub fn backend(&self) -> anyhow::Result<flowline_store::Backend> {
+        let mut b = flowline_store::Backend::from_url(
+            &self.database.url,
+            &self.data_dir,
+            self.database.durability,
+            &self.database.schema_prefix,
+        )?;
+        if let flowline_store::Backend::Postgres {
+            max_connections, ..
+        } = &mut b
+        {
+            *max_connections = self.database.max_connections;
+        }
+        Ok(b)
+    }
+
+    pub fn log_options(&self) -> flowline_store::LogOptions {
+        let e = &self.eventlog;
+        flowline_store::LogOptions {
+            partitions: e.partitions,
+            max_attempts: e.max_attempts,
+            backoff_base: e.backoff_base.0,
+            backoff_max: e.backoff_max.0,
+            fetch_batch: e.fetch_batch,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.toml");
+        std::fs::write(
+            &file,
+            "[eventlog]\npartitions = 8\nmax_attempts = 3\n[server]\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        let s = load(
+            Some(&file),
+            env(&[("FLOWLINE__EVENTLOG__PARTITIONS", "16"), ("OTHER", "x")]),
+        )
+        .unwrap();
+        assert_eq!(s.eventlog.partitions, 16, "env beats file");
+        assert_eq!(s.eventlog.max_attempts, 3, "file beats default");
+        assert_eq!(s.server.listen.port(), 9000);
+        assert_eq!(s.eventlog.fetch_batch, 1000, "default kept");
+
+        let s = load(
+            Some(&file),
+            env(&[("FLOWLINE__DATABASE__URL", "postgres://u:pw@localhost/x")]),
+        )
+        .unwrap();
+        assert!(s.redacted_toml().contains("postgres://u:***@localhost/x"));
+        assert!(!s.redacted_toml().contains("pw@"));
+
+        let e = load(Some(&file), env(&[("FLOWLINE__DATABASE__URLL", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("database") && e.contains("urll"), "{e}");
+        let e = load(
+            Some(&file),
+            env(&[("FLOWLINE__EVENTLOG__PARTITIONS", "many")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("eventlog.partitions"), "{e}");
+        let e = load(
+            Some(&file),
+            env(&[("FLOWLINE__SERVER__REQUEST_TIMEOUT", "10 parsecs")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("server.request_timeout"), "{e}");
+
+        std::fs::write(&file, "[server\nlisten=").unwrap();
+        let e = load(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(HumanDuration::parse("7d").unwrap().to_string(), "7d");
+        assert_eq!(HumanDuration::parse("90s").unwrap().to_string(), "90s");
+        assert!(HumanDuration::parse("7").is_err());
+        assert!(HumanDuration::parse("-1s").is_err());
+    }
+}

@@ -1,0 +1,310 @@
+//! The HTTP edge: correlation ids, metrics, timeouts, body limits, and one
+//! rule for errors: every failure leaves as `application/problem+json`.
+
+use crate::app::AppState;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use flowline_core::{ErrorCode, Problem};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const REQUEST_ID: &str = "x-request-id";
+const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Per-request context: who asked, for correlating logs and events.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// Follows the request through every log line and event it causes.
+    pub correlation_id: String,
+    /// This hop's own id: the `causation_id` of events the request emits.
+    pub request_id: String,
+}
+
+/// An error a handler returns; rendered as problem+json.
+#[derive(Debug)]
+pub struct ApiError(pub Problem);
+
+impl From<Problem> for ApiError {
+    fn from(p: Problem) -> Self {
+        ApiError(p)
+    }
+}
+
+impl From<flowline_store::StoreError> for ApiError {
+    fn from(e: flowline_store::StoreError) -> Self {
+        tracing::error!(error = %e, "storage error");
+        ApiError(Problem::new(ErrorCode::Internal))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        problem_response(self.0)
+    }
+}
+
+pub fn problem_response(p: Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut res = (status, Json(p)).into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    res
+}
+
+/// JSON body extractor whose rejections are problems naming what was wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::rejection::JsonRejection as R;
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => {
+                let code = match &rej {
+                    R::JsonDataError(_) => ErrorCode::ValidationFailed,
+                    R::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
+                    R::BytesRejection(_) => ErrorCode::PayloadTooLarge,
+                    _ => ErrorCode::MalformedRequest,
+                };
+                Err(ApiError(Problem::new(code).with_detail(rej.body_text())))
+            }
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>, api: Router<Arc<AppState>>) -> Router {
+    let s = &state.settings.server;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", api)
+        .fallback(fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(s.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match state.ready().await {
+        Ok(()) => Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Err(what) => {
+            tracing::warn!(%what, "not ready");
+            problem_response(
+                Problem::new(ErrorCode::ServiceUnavailable)
+                    .with_detail(format!("{what} is unreachable")),
+            )
+        }
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Err(e) = state.log.refresh_lag().await {
+        tracing::warn!(error = %e, "cannot refresh consumer lag");
+    }
+    let body = state.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn fallback() -> ApiError {
+    ApiError(Problem::new(ErrorCode::RouteNotFound))
+}
+
+/// Accepts a caller's id if it is sane (printable ASCII, ≤ 128 bytes).
+fn header_id(headers: &HeaderMap, name: &str) -> Option<String> {
+    let v = headers.get(name)?.to_str().ok()?.trim();
+    (!v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| v.to_owned())
+}
+
+/// The trace id of a valid W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+fn traceparent_trace_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?;
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let ok = parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1] != "0".repeat(32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2);
+    ok.then(|| parts[1].to_ascii_lowercase())
+}
+
+/// Outermost middleware: correlation, logging span, timeout, metrics, and
+/// conversion of any non-problem error body into problem+json.
+async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let correlation_id = header_id(req.headers(), REQUEST_ID)
+        .or_else(|| traceparent_trace_id(req.headers()))
+        .unwrap_or_else(flowline_core::id::new_correlation_id);
+    let request_id = flowline_core::id::new_id().to_string();
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| route_of(req.uri().path()));
+    req.extensions_mut().insert(RequestContext {
+        correlation_id: correlation_id.clone(),
+        request_id: request_id.clone(),
+    });
+    let span = tracing::info_span!("request", %correlation_id, %request_id, %method, %route);
+    let timeout = state.settings.server.request_timeout.0;
+    let mut res = {
+        use tracing::Instrument;
+        match tokio::time::timeout(timeout, next.run(req))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(res) => normalize_error(res).await,
+            Err(_) => {
+                problem_response(Problem::new(ErrorCode::RequestTimeout).with_detail(format!(
+                    "no response within {}",
+                    state.settings.server.request_timeout
+                )))
+            }
+        }
+    };
+    let status = res.status().as_u16();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .requests
+        .get_or_create(&crate::metrics::RequestLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .latency
+        .get_or_create(&crate::metrics::RouteLabels { method, route })
+        .observe(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            "request handled"
+        );
+    });
+    if let Ok(v) = HeaderValue::from_str(&correlation_id) {
+        res.headers_mut().insert(REQUEST_ID, v);
+    }
+    res
+}
+
+/// Route label for requests no route matched: bounded cardinality.
+fn route_of(path: &str) -> String {
+    match path {
+        "/healthz" | "/readyz" | "/metrics" => path.to_owned(),
+        _ => "unmatched".to_owned(),
+    }
+}
+
+/// Framework rejections (405, 413, 415…) arrive as text; re-render them.
+async fn normalize_error(res: Response) -> Response {
+    let status = res.status();
+    if status.as_u16() < 400 || is_problem(res.headers()) {
+        return res;
+    }
+    let code = match status.as_u16() {
+        400 => ErrorCode::MalformedRequest,
+        404 => ErrorCode::RouteNotFound,
+        405 => ErrorCode::MethodNotAllowed,
+        408 | 504 => ErrorCode::RequestTimeout,
+        409 => ErrorCode::Conflict,
+        413 => ErrorCode::PayloadTooLarge,
+        415 => ErrorCode::UnsupportedMediaType,
+        422 => ErrorCode::ValidationFailed,
+        503 => ErrorCode::ServiceUnavailable,
+        _ => ErrorCode::Internal,
+    };
+    let (parts, body) = res.into_parts();
+    let mut p = Problem::new(code);
+    if status.as_u16() < 500 {
+        if let Ok(bytes) = axum::body::to_bytes(body, 4096).await {
+            let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+            if !text.is_empty() {
+                p = p.with_detail(text);
+            }
+        }
+    }
+    let mut out = problem_response(p);
+    // Keep the status the framework chose and headers such as `Allow`.
+    *out.status_mut() = parts.status;
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn is_problem(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(PROBLEM_JSON))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_and_request_ids_are_validated() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            traceparent_trace_id(&h).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        h.insert(
+            "traceparent",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            traceparent_trace_id(&h),
+            None,
+            "all-zero trace id is invalid"
+        );
+        h.insert("traceparent", "garbage".parse().unwrap());
+        assert_eq!(traceparent_trace_id(&h), None);
+        h.insert(REQUEST_ID, "abc-123".parse().unwrap());
+        assert_eq!(header_id(&h, REQUEST_ID).as_deref(), Some("abc-123"));
+        h.insert(REQUEST_ID, "has space".parse().unwrap());
+        assert_eq!(header_id(&h, REQUEST_ID), None);
+        h.insert(REQUEST_ID, "x".repeat(129).parse().unwrap());
+        assert_eq!(header_id(&h, REQUEST_ID), None);
+    }
+}

@@ -1,0 +1,859 @@
+//! The durable event log on SQL.
+//!
+//! Topics are split into a fixed number of partitions by key; each partition
+//! has dense offsets. Offsets are allocated by bumping a per-partition counter
+//! row inside the append transaction: the row lock is held until commit, so on
+//! PostgreSQL too, offsets in a partition become visible in offset order and a
+//! reader can never skip an event that commits late.
+
+use crate::db::{Backend, Db, Tx};
+use crate::error::StoreError;
+use crate::metrics::{LogMetrics, TopicLabels};
+use crate::migrate::Migration;
+use crate::Result;
+use flowline_core::event::partition_for;
+use flowline_core::{Envelope, EventDraft, RecordedEvent, Timestamp};
+use serde::Serialize;
+use sqlx::Row;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// Dead-lettered events of group `G` are appended to topic `dlq.G`.
+pub const DLQ_TOPIC_PREFIX: &str = "dlq.";
+
+pub(crate) const LOG_MIGRATIONS: &[Migration] = &[Migration {
+    scope: "log",
+    version: 1,
+    name: "init",
+    sqlite: include_str!("../migrations/sqlite/log_0001_init.sql"),
+    postgres: include_str!("../migrations/postgres/log_0001_init.sql"),
+}];
+
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Partitions per topic. Fixed for the life of a log: changing it would move keys.
+    pub partitions: u32,
+    /// Handling attempts before an event is dead-lettered.
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Events fetched per partition per round.
+    pub fetch_batch: i64,
+    /// How often an idle consumer looks for appends made by other processes.
+    pub idle_poll: Duration,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            partitions: 4,
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            fetch_batch: 1000,
+            idle_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Where a replay or a tail starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    Earliest,
+    Latest,
+    /// The same offset in every partition.
+    Offset(i64),
+    /// The first event appended at or after this time, per partition.
+    Time(Timestamp),
+}
+
+impl std::str::FromStr for ReplayFrom {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "earliest" | "beginning" => Ok(ReplayFrom::Earliest),
+            "latest" | "end" => Ok(ReplayFrom::Latest),
+            _ => {
+                if let Ok(n) = s.parse::<i64>() {
+                    if n < 0 {
+                        return Err(format!("offset must be >= 0, got {n}"));
+                    }
+                    return Ok(ReplayFrom::Offset(n));
+                }
+                Timestamp::parse_rfc3339(s)
+                    .map(ReplayFrom::Time)
+                    .map_err(|_| {
+                        format!(
+                            "`{s}` is neither an offset, an RFC 3339 time, `earliest` nor `latest`"
+                        )
+                    })
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GroupPosition {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset the group will consume.
+    pub next_offset: i64,
+    /// Next offset the log will assign.
+    pub end_offset: i64,
+    pub lag: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicStats {
+    pub topic: String,
+    pub partitions: i64,
+    pub events: i64,
+    pub bytes: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub error: String,
+    pub attempts: i32,
+    pub status: String,
+    pub dead_at: Timestamp,
+}
+
+/// The event log. Cheap to clone.
+#[derive(Clone)]
+pub struct EventLog {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: Db,
+    pub(crate) opts: LogOptions,
+    pub(crate) appended: watch::Sender<u64>,
+    pub(crate) metrics: LogMetrics,
+}
+
+const EVENT_COLUMNS: &str = "topic, partition_no, log_offset, event_id, event_type, event_key, \
+    occurred_at, appended_at, correlation_id, causation_id, schema_version, payload";
+
+macro_rules! decode_event {
+    ($row:expr) => {{
+        let row = $row;
+        let id: String = row.try_get("event_id")?;
+        let payload: String = row.try_get("payload")?;
+        RecordedEvent {
+            partition: row.try_get("partition_no")?,
+            offset: row.try_get("log_offset")?,
+            appended_at: Timestamp::from_micros(row.try_get("appended_at")?),
+            envelope: Envelope {
+                id: Uuid::parse_str(&id).map_err(|_| StoreError::CorruptEvent(id.clone()))?,
+                event_type: row.try_get("event_type")?,
+                topic: row.try_get("topic")?,
+                key: row.try_get("event_key")?,
+                occurred_at: Timestamp::from_micros(row.try_get("occurred_at")?),
+                correlation_id: row.try_get("correlation_id")?,
+                causation_id: row.try_get("causation_id")?,
+                schema_version: row.try_get("schema_version")?,
+                payload: serde_json::from_str(&payload)
+                    .map_err(|_| StoreError::CorruptEvent(id.clone()))?,
+            },
+        }
+    }};
+}
+
+impl EventLog {
+    /// Opens the log in its own database (`eventlog`) and applies its migrations.
+    pub async fn open(backend: &Backend, opts: LogOptions) -> Result<EventLog> {
+        let db = Db::open(backend, "eventlog").await?;
+        Self::with_db(db, opts).await
+    }
+
+    pub async fn with_db(db: Db, opts: LogOptions) -> Result<EventLog> {
+        db.migrate(LOG_MIGRATIONS).await?;
+        let (appended, _) = watch::channel(0);
+        Ok(EventLog {
+            inner: Arc::new(Inner {
+                db,
+                opts,
+                appended,
+                metrics: LogMetrics::default(),
+            }),
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn options(&self) -> &LogOptions {
+        &self.inner.opts
+    }
+
+    pub fn metrics(&self) -> &LogMetrics {
+        &self.inner.metrics
+    }
+
+    /// Ticks after every append in this process; consumers wait on it.
+    pub fn appends(&self) -> watch::Receiver<u64> {
+        self.inner.appended.subscribe()
+    }
+
+    /// Appends events atomically. Events whose id is already in the log are
+    /// skipped (the relay may resend after a crash). Returns how many were new.
+    #[tracing::instrument(skip_all, fields(events = events.len()))]
+    pub async fn append(&self, events: &[Envelope]) -> Result<usize> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.inner.db.begin().await?;
+        let n = self.append_in(&mut tx, events).await?;
+        tx.commit().await?;
+        self.announce(n, events);
+        Ok(n)
+    }
+
+    fn announce(&self, n: usize, events: &[Envelope]) {
+        if n == 0 {
+            return;
+        }
+        // Count per topic; most batches hold one topic, so one label lookup.
+        let mut last: Option<(&str, u64)> = None;
+        for e in events {
+            match &mut last {
+                Some((t, c)) if *t == e.topic => *c += 1,
+                _ => {
+                    if let Some((t, c)) = last.take() {
+                        self.count_appended(t, c);
+                    }
+                    last = Some((&e.topic, 1));
+                }
+            }
+        }
+        if let Some((t, c)) = last {
+            self.count_appended(t, c);
+        }
+        self.inner
+            .appended
+            .send_modify(|v| *v = v.wrapping_add(n as u64));
+    }
+
+    fn count_appended(&self, topic: &str, n: u64) {
+        self.inner
+            .metrics
+            .appended
+            .get_or_create(&TopicLabels {
+                topic: topic.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    async fn append_in(&self, tx: &mut Tx, events: &[Envelope]) -> Result<usize> {
+        let existing = existing_ids(tx, events).await?;
+        let mut seen: HashSet<Uuid> = HashSet::with_capacity(events.len());
+        let mut by_partition: BTreeMap<(&str, i32), Vec<&Envelope>> = BTreeMap::new();
+        for e in events {
+            if existing.contains(&e.id.to_string()) || !seen.insert(e.id) {
+                continue;
+            }
+            let p = partition_for(&e.key, self.inner.opts.partitions);
+            by_partition
+                .entry((e.topic.as_str(), p))
+                .or_default()
+                .push(e);
+        }
+        let now = Timestamp::now().as_micros();
+        let mut appended = 0;
+        for ((topic, partition), evs) in by_partition {
+            let n = evs.len() as i64;
+            on_tx!(&mut *tx, |c| sqlx::query(
+                "INSERT INTO log_partitions (topic, partition_no, next_offset) VALUES ($1, $2, 0)
+                 ON CONFLICT (topic, partition_no) DO NOTHING"
+            )
+            .bind(topic)
+            .bind(partition)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+            let end: i64 = on_tx!(&mut *tx, |c| sqlx::query_scalar(
+                "UPDATE log_partitions SET next_offset = next_offset + $3
+                 WHERE topic = $1 AND partition_no = $2 RETURNING next_offset"
+            )
+            .bind(topic)
+            .bind(partition)
+            .bind(n)
+            .fetch_one(c)
+            .await)?;
+            let mut offset = end - n;
+            for e in evs {
+                let payload = serde_json::to_string(&e.payload)?;
+                let size = (payload.len() + e.event_type.len() + e.key.len() + 64) as i64;
+                on_tx!(&mut *tx, |c| sqlx::query(
+                    "INSERT INTO log_events (topic, partition_no, log_offset, event_id, event_type,
+                        event_key, occurred_at, appended_at, correlation_id, causation_id,
+                        schema_version, payload, size_bytes)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                )
+                .bind(topic)
+                .bind(partition)
+                .bind(offset)
+                .bind(e.id.to_string())
+                .bind(&e.event_type)
+                .bind(&e.key)
+                .bind(e.occurred_at.as_micros())
+                .bind(now)
+                .bind(&e.correlation_id)
+                .bind(e.causation_id.as_deref())
+                .bind(e.schema_version)
+                .bind(&payload)
+                .bind(size)
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected()))?;
+                offset += 1;
+                appended += 1;
+            }
+        }
+        Ok(appended)
+    }
+
+    /// Reads up to `limit` events of one partition from `from` on.
+    pub async fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM log_events
+             WHERE topic = $1 AND partition_no = $2 AND log_offset >= $3
+             ORDER BY log_offset LIMIT $4"
+        );
+        let rows: Vec<RecordedEvent> = on_pool!(&self.inner.db, |p| {
+            let rows = sqlx::query(&sql)
+                .bind(topic)
+                .bind(partition)
+                .bind(from)
+                .bind(limit)
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| Ok(decode_event!(r)))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(rows)
+    }
+
+    /// Events of a topic across partitions, in append order, from a position.
+    pub async fn tail(
+        &self,
+        topic: &str,
+        from: ReplayFrom,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let (cond, arg) = match from {
+            ReplayFrom::Earliest => ("log_offset >= $2", 0),
+            ReplayFrom::Offset(o) => ("log_offset >= $2", o),
+            ReplayFrom::Time(t) => ("appended_at >= $2", t.as_micros()),
+            ReplayFrom::Latest => ("appended_at >= $2", Timestamp::now().as_micros()),
+        };
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM log_events WHERE topic = $1 AND {cond}
+             ORDER BY appended_at, partition_no, log_offset LIMIT $3"
+        );
+        on_pool!(&self.inner.db, |p| {
+            let rows = sqlx::query(&sql)
+                .bind(topic)
+                .bind(arg)
+                .bind(limit)
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| Ok(decode_event!(r)))
+                .collect::<Result<Vec<_>>>()
+        })
+    }
+
+    pub async fn topics(&self) -> Result<Vec<TopicStats>> {
+        let rows = on_pool!(&self.inner.db, |p| {
+            let rows = sqlx::query(
+                "SELECT p.topic AS topic, count(DISTINCT p.partition_no) AS partitions,
+                        (SELECT count(*) FROM log_events e WHERE e.topic = p.topic) AS events,
+                        (SELECT coalesce(sum(size_bytes), 0) FROM log_events e WHERE e.topic = p.topic) AS bytes
+                 FROM log_partitions p GROUP BY p.topic ORDER BY p.topic",
+            )
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(TopicStats {
+                        topic: r.try_get("topic")?,
+                        partitions: r.try_get("partitions")?,
+                        events: r.try_get("events")?,
+                        bytes: r.try_get::<i64, _>("bytes").or_else(|_| {
+                            // PostgreSQL's sum(bigint) is numeric; cast through text.
+                            r.try_get::<String, _>("bytes")
+                                .map(|s| s.parse().unwrap_or(0))
+                        })?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+        })?;
+        Ok(rows)
+    }
+
+    /// Registers `group` on `topic` (idempotent). A new group starts at `start`.
+    pub async fn ensure_group(&self, group: &str, topic: &str, start: ReplayFrom) -> Result<()> {
+        let mut tx = self.inner.db.begin().await?;
+        for partition in 0..self.inner.opts.partitions as i32 {
+            let exists: Option<i64> = on_tx!(&mut tx, |c| {
+                sqlx::query_scalar(
+                "SELECT next_offset FROM log_groups WHERE group_name = $1 AND topic = $2 AND partition_no = $3"
+            )
+            .bind(group)
+            .bind(topic)
+            .bind(partition)
+            .fetch_optional(c)
+            .await
+            })?;
+            if exists.is_some() {
+                continue;
+            }
+            let offset = resolve_start(&mut tx, topic, partition, start).await?;
+            on_tx!(&mut tx, |c| sqlx::query(
+                "INSERT INTO log_groups (group_name, topic, partition_no, next_offset, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)"
+            )
+            .bind(group)
+            .bind(topic)
+            .bind(partition)
+            .bind(offset)
+            .bind(Timestamp::now().as_micros())
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        tx.commit().await
+    }
+
+    /// Next offset per partition for `group` on `topic`.
+    pub async fn positions(&self, group: &str, topic: &str) -> Result<Vec<(i32, i64)>> {
+        let rows: Vec<(i32, i64)> = on_pool!(&self.inner.db, |p| sqlx::query_as(
+            "SELECT partition_no, next_offset FROM log_groups
+             WHERE group_name = $1 AND topic = $2 ORDER BY partition_no"
+        )
+        .bind(group)
+        .bind(topic)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows)
+    }
+
+    /// Moves a group's position from `expected` to `next`. Returns false if it
+    /// was moved meanwhile (a replay): the consumer then re-reads its positions.
+    pub async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        expected: i64,
+        next: i64,
+    ) -> Result<bool> {
+        let n = on_pool!(write & self.inner.db, |p| sqlx::query(
+            "UPDATE log_groups SET next_offset = $5, updated_at = $6
+             WHERE group_name = $1 AND topic = $2 AND partition_no = $3 AND next_offset = $4"
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(partition)
+        .bind(expected)
+        .bind(next)
+        .bind(Timestamp::now().as_micros())
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(n == 1)
+    }
+
+    /// Every group's position and lag.
+    pub async fn groups(&self) -> Result<Vec<GroupPosition>> {
+        let rows: Vec<(String, String, i32, i64, Option<i64>)> = on_pool!(&self.inner.db, |p| {
+            sqlx::query_as(
+                "SELECT g.group_name, g.topic, g.partition_no, g.next_offset, p.next_offset
+                 FROM log_groups g LEFT JOIN log_partitions p
+                   ON p.topic = g.topic AND p.partition_no = g.partition_no
+                 ORDER BY g.group_name, g.topic, g.partition_no",
+            )
+            .fetch_all(p)
+            .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(group, topic, partition, next_offset, end)| {
+                let end_offset = end.unwrap_or(0);
+                GroupPosition {
+                    group,
+                    topic,
+                    partition,
+                    next_offset,
+                    end_offset,
+                    lag: (end_offset - next_offset).max(0),
+                }
+            })
+            .collect())
+    }
+
+    /// Updates the lag gauges from the log (called on each metrics scrape).
+    pub async fn refresh_lag(&self) -> Result<()> {
+        let mut sums: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for g in self.groups().await? {
+            *sums.entry((g.group, g.topic)).or_default() += g.lag;
+        }
+        for ((group, topic), lag) in sums {
+            self.inner
+                .metrics
+                .lag
+                .get_or_create(&LogMetrics::group(&group, &topic))
+                .set(lag);
+        }
+        Ok(())
+    }
+
+    /// Rewinds (or forwards) `group` on `topic`, or on every topic it consumes.
+    /// Returns the number of partitions moved.
+    pub async fn replay(
+        &self,
+        group: &str,
+        topic: Option<&str>,
+        from: ReplayFrom,
+    ) -> Result<usize> {
+        let mut tx = self.inner.db.begin().await?;
+        let parts: Vec<(String, i32)> = on_tx!(&mut tx, |c| {
+            sqlx::query_as(
+            "SELECT topic, partition_no FROM log_groups WHERE group_name = $1 ORDER BY topic, partition_no"
+        )
+        .bind(group)
+        .fetch_all(c)
+        .await
+        })?;
+        let parts: Vec<_> = parts
+            .into_iter()
+            .filter(|(t, _)| topic.is_none_or(|x| x == t))
+            .collect();
+        if parts.is_empty() {
+            return Err(StoreError::UnknownGroup(match topic {
+                Some(t) => format!("{group}` on topic `{t}"),
+                None => group.to_owned(),
+            }));
+        }
+        for (t, partition) in &parts {
+            let offset = resolve_start(&mut tx, t, *partition, from).await?;
+            on_tx!(&mut tx, |c| sqlx::query(
+                "UPDATE log_groups SET next_offset = $4, updated_at = $5
+                 WHERE group_name = $1 AND topic = $2 AND partition_no = $3"
+            )
+            .bind(group)
+            .bind(t)
+            .bind(*partition)
+            .bind(offset)
+            .bind(Timestamp::now().as_micros())
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        tx.commit().await?;
+        // Wake local consumers so the replay starts now.
+        self.inner.appended.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(parts.len())
+    }
+
+    /// Records a dead letter and appends it to `dlq.<group>`, in one transaction.
+    pub(crate) async fn dead_letter(
+        &self,
+        group: &str,
+        event: &RecordedEvent,
+        error: &str,
+        attempts: u32,
+    ) -> Result<()> {
+        let e = &event.envelope;
+        let now = Timestamp::now().as_micros();
+        let mut tx = self.inner.db.begin().await?;
+        on_tx!(&mut tx, |c| sqlx::query(
+            "INSERT INTO log_dead_letters (group_name, topic, partition_no, log_offset, event_id,
+                event_type, error, attempts, status, dead_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'dead', $9, $9)"
+        )
+        .bind(group)
+        .bind(&e.topic)
+        .bind(event.partition)
+        .bind(event.offset)
+        .bind(e.id.to_string())
+        .bind(&e.event_type)
+        .bind(error)
+        .bind(attempts as i32)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let dlq = Envelope::caused_by(
+            EventDraft::new(
+                format!("{DLQ_TOPIC_PREFIX}{group}"),
+                "event.dead_lettered",
+                e.id.to_string(),
+                serde_json::json!({
+                    "group": group,
+                    "topic": e.topic,
+                    "partition": event.partition,
+                    "offset": event.offset,
+                    "error": error,
+                    "attempts": attempts,
+                    "event": e,
+                }),
+            ),
+            e,
+        );
+        let dlq = std::slice::from_ref(&dlq);
+        let n = self.append_in(&mut tx, dlq).await?;
+        tx.commit().await?;
+        self.announce(n, dlq);
+        self.inner
+            .metrics
+            .dead_lettered
+            .get_or_create(&LogMetrics::group(group, &e.topic))
+            .inc();
+        Ok(())
+    }
+
+    pub async fn dead_letters(
+        &self,
+        group: Option<&str>,
+        include_resolved: bool,
+    ) -> Result<Vec<DeadLetter>> {
+        let rows = on_pool!(&self.inner.db, |p| {
+            let rows = sqlx::query(
+                "SELECT id, group_name, topic, partition_no, log_offset, event_id, event_type, error,
+                        attempts, status, dead_at
+                 FROM log_dead_letters
+                 WHERE ($1 = '' OR group_name = $1) AND ($2 = 1 OR status <> 'resolved')
+                 ORDER BY id",
+            )
+            .bind(group.unwrap_or(""))
+            .bind(include_resolved as i32)
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(DeadLetter {
+                        id: r.try_get("id")?,
+                        group: r.try_get("group_name")?,
+                        topic: r.try_get("topic")?,
+                        partition: r.try_get("partition_no")?,
+                        offset: r.try_get("log_offset")?,
+                        event_id: r.try_get("event_id")?,
+                        event_type: r.try_get("event_type")?,
+                        error: r.try_get("error")?,
+                        attempts: r.try_get("attempts")?,
+                        status: r.try_get("status")?,
+                        dead_at: Timestamp::from_micros(r.try_get("dead_at")?),
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+        })?;
+        Ok(rows)
+    }
+
+    /// Marks dead letters for redelivery to their group: one id, or all of a
+    /// group's. The group's consumer picks them up when it is next idle.
+    pub async fn retry_dead_letters(&self, id: Option<i64>, group: Option<&str>) -> Result<u64> {
+        let n = on_pool!(write & self.inner.db, |p| sqlx::query(
+            "UPDATE log_dead_letters SET status = 'retry', updated_at = $3
+             WHERE status = 'dead' AND ($1 < 0 OR id = $1) AND ($2 = '' OR group_name = $2)"
+        )
+        .bind(id.unwrap_or(-1))
+        .bind(group.unwrap_or(""))
+        .bind(Timestamp::now().as_micros())
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if n == 0 {
+            if let Some(id) = id {
+                return Err(StoreError::UnknownDeadLetter(id));
+            }
+        }
+        self.inner.appended.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(n)
+    }
+
+    /// Dead letters of `group` marked for retry, with their events.
+    pub(crate) async fn pending_retries(
+        &self,
+        group: &str,
+    ) -> Result<Vec<(i64, i32, RecordedEvent)>> {
+        let sql = format!(
+            "SELECT d.id AS dl_id, d.attempts AS dl_attempts, {cols}
+             FROM log_dead_letters d JOIN log_events e
+               ON e.topic = d.topic AND e.partition_no = d.partition_no AND e.log_offset = d.log_offset
+             WHERE d.group_name = $1 AND d.status = 'retry' ORDER BY d.id LIMIT 100",
+            cols = EVENT_COLUMNS
+                .split(", ")
+                .map(|c| format!("e.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        on_pool!(&self.inner.db, |p| {
+            let rows = sqlx::query(&sql).bind(group).fetch_all(p).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get("dl_id")?,
+                        r.try_get("dl_attempts")?,
+                        decode_event!(r),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+    }
+
+    pub(crate) async fn settle_retry(
+        &self,
+        id: i64,
+        outcome: std::result::Result<(), String>,
+    ) -> Result<()> {
+        let now = Timestamp::now().as_micros();
+        on_pool!(write & self.inner.db, |p| {
+            match &outcome {
+            Ok(()) => sqlx::query("UPDATE log_dead_letters SET status = 'resolved', updated_at = $2 WHERE id = $1")
+                .bind(id)
+                .bind(now)
+                .execute(p)
+                .await.map(|r| r.rows_affected()),
+            Err(e) => sqlx::query(
+                "UPDATE log_dead_letters SET status = 'dead', attempts = attempts + 1, error = $3, updated_at = $2
+                 WHERE id = $1"
+            )
+            .bind(id)
+            .bind(now)
+            .bind(e)
+            .execute(p)
+            .await.map(|r| r.rows_affected()),
+        }
+        })?;
+        Ok(())
+    }
+
+    /// Drops events older than `max_age` and, per topic, the oldest events past
+    /// `max_bytes`. Offsets are never reused. Returns the number of events dropped.
+    pub async fn enforce_retention(
+        &self,
+        max_age: Option<Duration>,
+        max_bytes: Option<u64>,
+    ) -> Result<u64> {
+        let mut dropped = 0;
+        if let Some(age) = max_age {
+            let cutoff = Timestamp::now().saturating_sub(age).as_micros();
+            dropped += on_pool!(write & self.inner.db, |p| sqlx::query(
+                "DELETE FROM log_events WHERE appended_at < $1"
+            )
+            .bind(cutoff)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        if let Some(max) = max_bytes {
+            for t in self.topics().await? {
+                if (t.bytes as u64) <= max {
+                    continue;
+                }
+                // Walk newest to oldest until the budget is spent; drop the rest.
+                let sizes: Vec<(i64, i64)> = on_pool!(&self.inner.db, |p| sqlx::query_as(
+                    "SELECT appended_at, size_bytes FROM log_events WHERE topic = $1
+                     ORDER BY appended_at DESC"
+                )
+                .bind(&t.topic)
+                .fetch_all(p)
+                .await)?;
+                let mut total = 0u64;
+                let mut cutoff = None;
+                for (at, size) in sizes {
+                    total += size as u64;
+                    if total > max {
+                        cutoff = Some(at);
+                        break;
+                    }
+                }
+                if let Some(cutoff) = cutoff {
+                    dropped += on_pool!(write & self.inner.db, |p| sqlx::query(
+                        "DELETE FROM log_events WHERE topic = $1 AND appended_at <= $2"
+                    )
+                    .bind(&t.topic)
+                    .bind(cutoff)
+                    .execute(p)
+                    .await
+                    .map(|r| r.rows_affected()))?;
+                }
+            }
+        }
+        Ok(dropped)
+    }
+}
+
+async fn existing_ids(tx: &mut Tx, events: &[Envelope]) -> Result<HashSet<String>> {
+    let mut found = HashSet::new();
+    for chunk in events.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT event_id FROM log_events WHERE event_id IN ({})",
+            placeholders.join(", ")
+        );
+        let ids: Vec<String> = on_tx!(&mut *tx, |c| {
+            let mut q = sqlx::query_scalar(&sql);
+            for e in chunk {
+                q = q.bind(e.id.to_string());
+            }
+            q.fetch_all(c).await
+        })?;
+        found.extend(ids);
+    }
+    Ok(found)
+}
+
+async fn resolve_start(tx: &mut Tx, topic: &str, partition: i32, from: ReplayFrom) -> Result<i64> {
+    let end: Option<i64> = on_tx!(&mut *tx, |c| sqlx::query_scalar(
+        "SELECT next_offset FROM log_partitions WHERE topic = $1 AND partition_no = $2"
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(c)
+    .await)?;
+    let end = end.unwrap_or(0);
+    Ok(match from {
+        ReplayFrom::Latest => end,
+        ReplayFrom::Offset(o) => o.min(end),
+        ReplayFrom::Earliest | ReplayFrom::Time(_) => {
+            let t = match from {
+                ReplayFrom::Time(t) => t.as_micros(),
+                _ => i64::MIN,
+            };
+            let first: Option<i64> = on_tx!(&mut *tx, |c| sqlx::query_scalar(
+                "SELECT min(log_offset) FROM log_events
+                 WHERE topic = $1 AND partition_no = $2 AND appended_at >= $3"
+            )
+            .bind(topic)
+            .bind(partition)
+            .bind(t)
+            .fetch_one(c)
+            .await)?;
+            first.unwrap_or(end)
+        }
+    })
+}
