@@ -36,6 +36,13 @@ fn main() -> ExitCode {
                     line.push_str(c);
                 }
             }
+            // Parser messages span lines; the error stays on one.
+            let line = line
+                .split('\n')
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
             eprintln!("error: {line}");
             ExitCode::FAILURE
         }

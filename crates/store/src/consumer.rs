@@ -8,7 +8,7 @@
 //! uncommitted tail of a batch, which the handler's inbox turns into a no-op.
 
 use crate::log::{EventLog, ReplayFrom};
-use crate::metrics::LogMetrics;
+use crate::metrics::{GroupLabels, LogMetrics};
 use crate::Result;
 use flowline_core::RecordedEvent;
 use std::future::Future;
@@ -120,7 +120,8 @@ struct Worker<H> {
 }
 
 enum Outcome {
-    Done,
+    Delivered,
+    DeadLettered,
     Stopped,
 }
 
@@ -162,11 +163,16 @@ impl<H: Handler> Worker<H> {
         *self.shutdown.borrow()
     }
 
-    /// One batch from every partition of every topic. True if anything was handled.
+    /// One batch from every partition of every topic; the positions of a topic
+    /// are committed together in one transaction. True if anything was handled.
     async fn pass(&mut self) -> Result<bool> {
         let mut progressed = false;
         let batch = self.log.options().fetch_batch;
         for topic in self.opts.topics.clone() {
+            let labels = LogMetrics::group(&self.opts.group, &topic);
+            let mut moves = Vec::new();
+            let mut delivered = 0;
+            let mut stopped = false;
             for (partition, next) in self.log.positions(&self.opts.group, &topic).await? {
                 let events = self.log.read(&topic, partition, next, batch).await?;
                 let Some(first) = events.first() else {
@@ -174,10 +180,13 @@ impl<H: Handler> Worker<H> {
                 };
                 // Retention may have dropped events below our position.
                 let mut done = first.offset.min(next);
-                let mut stopped = false;
                 for ev in &events {
-                    match self.deliver(ev).await? {
-                        Outcome::Done => done = ev.offset + 1,
+                    match self.deliver(ev, &labels).await? {
+                        Outcome::Delivered => {
+                            delivered += 1;
+                            done = ev.offset + 1;
+                        }
+                        Outcome::DeadLettered => done = ev.offset + 1,
                         Outcome::Stopped => {
                             stopped = true;
                             break;
@@ -185,44 +194,55 @@ impl<H: Handler> Worker<H> {
                     }
                 }
                 if done > next {
-                    progressed = true;
-                    // A false result means a replay moved us: fine, next pass re-reads.
-                    self.log
-                        .commit(&self.opts.group, &topic, partition, next, done)
-                        .await?;
+                    moves.push((partition, next, done));
                 }
                 if stopped {
-                    return Ok(progressed);
+                    break;
                 }
+            }
+            // One metric update per batch, not per event (hot path).
+            self.log
+                .metrics()
+                .delivered
+                .get_or_create(&labels)
+                .inc_by(delivered);
+            if !moves.is_empty() {
+                progressed = true;
+                // Rows moved by a replay meanwhile are left alone; the next pass re-reads.
+                self.log
+                    .commit_positions(&self.opts.group, &topic, &moves)
+                    .await?;
+            }
+            if stopped {
+                break;
             }
         }
         Ok(progressed)
     }
 
     /// Handles one event, retrying with backoff, dead-lettering at the limit.
-    async fn deliver(&mut self, ev: &RecordedEvent) -> Result<Outcome> {
-        let opts = self.log.options().clone();
-        let labels = LogMetrics::group(&self.opts.group, &ev.envelope.topic);
+    async fn deliver(&mut self, ev: &RecordedEvent, labels: &GroupLabels) -> Result<Outcome> {
+        let (max_attempts, base, max) = {
+            let o = self.log.options();
+            (o.max_attempts, o.backoff_base, o.backoff_max)
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             match self.handler.handle(ev).await {
-                Ok(()) => {
-                    self.log.metrics().delivered.get_or_create(&labels).inc();
-                    return Ok(Outcome::Done);
-                }
-                Err(err) if err.permanent || attempt >= opts.max_attempts => {
+                Ok(()) => return Ok(Outcome::Delivered),
+                Err(err) if err.permanent || attempt >= max_attempts => {
                     tracing::error!(group = %self.opts.group, event_id = %ev.envelope.id,
                         event_type = %ev.envelope.event_type, attempts = attempt,
                         error = %err.message, "event dead-lettered");
                     self.log
                         .dead_letter(&self.opts.group, ev, &err.message, attempt)
                         .await?;
-                    return Ok(Outcome::Done);
+                    return Ok(Outcome::DeadLettered);
                 }
                 Err(err) => {
-                    self.log.metrics().retried.get_or_create(&labels).inc();
-                    let delay = backoff(opts.backoff_base, opts.backoff_max, attempt);
+                    self.log.metrics().retried.get_or_create(labels).inc();
+                    let delay = backoff(base, max, attempt);
                     tracing::warn!(group = %self.opts.group, event_id = %ev.envelope.id,
                         attempt, delay_ms = delay.as_millis() as u64, error = %err.message,
                         "handler failed; will retry");

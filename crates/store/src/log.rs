@@ -294,33 +294,39 @@ impl EventLog {
             .fetch_one(c)
             .await)?;
             let mut offset = end - n;
-            for e in evs {
-                let payload = serde_json::to_string(&e.payload)?;
-                let size = (payload.len() + e.event_type.len() + e.key.len() + 64) as i64;
-                on_tx!(&mut *tx, |c| sqlx::query(
-                    "INSERT INTO log_events (topic, partition_no, log_offset, event_id, event_type,
-                        event_key, occurred_at, appended_at, correlation_id, causation_id,
-                        schema_version, payload, size_bytes)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-                )
-                .bind(topic)
-                .bind(partition)
-                .bind(offset)
-                .bind(e.id.to_string())
-                .bind(&e.event_type)
-                .bind(&e.key)
-                .bind(e.occurred_at.as_micros())
-                .bind(now)
-                .bind(&e.correlation_id)
-                .bind(e.causation_id.as_deref())
-                .bind(e.schema_version)
-                .bind(&payload)
-                .bind(size)
-                .execute(c)
-                .await
-                .map(|r| r.rows_affected()))?;
-                offset += 1;
-                appended += 1;
+            // Multi-row inserts: one statement per chunk instead of per event.
+            for chunk in evs.chunks(INSERT_CHUNK) {
+                let sql = insert_sql(chunk.len());
+                let rows: Vec<(i64, &Envelope, String)> = chunk
+                    .iter()
+                    .map(|e| {
+                        let o = offset;
+                        offset += 1;
+                        Ok((o, *e, serde_json::to_string(&e.payload)?))
+                    })
+                    .collect::<Result<_>>()?;
+                on_tx!(&mut *tx, |c| {
+                    let mut q = sqlx::query(&sql);
+                    for (o, e, payload) in &rows {
+                        let size = (payload.len() + e.event_type.len() + e.key.len() + 64) as i64;
+                        q = q
+                            .bind(topic)
+                            .bind(partition)
+                            .bind(*o)
+                            .bind(e.id.to_string())
+                            .bind(&e.event_type)
+                            .bind(&e.key)
+                            .bind(e.occurred_at.as_micros())
+                            .bind(now)
+                            .bind(&e.correlation_id)
+                            .bind(e.causation_id.as_deref())
+                            .bind(e.schema_version)
+                            .bind(payload)
+                            .bind(size);
+                    }
+                    q.execute(c).await.map(|r| r.rows_affected())
+                })?;
+                appended += rows.len();
             }
         }
         Ok(appended)
@@ -389,7 +395,7 @@ impl EventLog {
             let rows = sqlx::query(
                 "SELECT p.topic AS topic, count(DISTINCT p.partition_no) AS partitions,
                         (SELECT count(*) FROM log_events e WHERE e.topic = p.topic) AS events,
-                        (SELECT coalesce(sum(size_bytes), 0) FROM log_events e WHERE e.topic = p.topic) AS bytes
+                        (SELECT CAST(coalesce(sum(size_bytes), 0) AS BIGINT) FROM log_events e WHERE e.topic = p.topic) AS bytes
                  FROM log_partitions p GROUP BY p.topic ORDER BY p.topic",
             )
             .fetch_all(p)
@@ -459,30 +465,35 @@ impl EventLog {
         Ok(rows)
     }
 
-    /// Moves a group's position from `expected` to `next`. Returns false if it
-    /// was moved meanwhile (a replay): the consumer then re-reads its positions.
-    pub async fn commit(
+    /// Moves a group's positions, `(partition, expected, next)` each, in one
+    /// transaction. A row whose position is no longer `expected` was moved by
+    /// a replay meanwhile and is left alone. Returns how many rows moved.
+    pub async fn commit_positions(
         &self,
         group: &str,
         topic: &str,
-        partition: i32,
-        expected: i64,
-        next: i64,
-    ) -> Result<bool> {
-        let n = on_pool!(write & self.inner.db, |p| sqlx::query(
-            "UPDATE log_groups SET next_offset = $5, updated_at = $6
-             WHERE group_name = $1 AND topic = $2 AND partition_no = $3 AND next_offset = $4"
-        )
-        .bind(group)
-        .bind(topic)
-        .bind(partition)
-        .bind(expected)
-        .bind(next)
-        .bind(Timestamp::now().as_micros())
-        .execute(p)
-        .await
-        .map(|r| r.rows_affected()))?;
-        Ok(n == 1)
+        moves: &[(i32, i64, i64)],
+    ) -> Result<u64> {
+        let now = Timestamp::now().as_micros();
+        let mut tx = self.inner.db.begin().await?;
+        let mut moved = 0;
+        for (partition, expected, next) in moves {
+            moved += on_tx!(&mut tx, |c| sqlx::query(
+                "UPDATE log_groups SET next_offset = $5, updated_at = $6
+                 WHERE group_name = $1 AND topic = $2 AND partition_no = $3 AND next_offset = $4"
+            )
+            .bind(group)
+            .bind(topic)
+            .bind(*partition)
+            .bind(*expected)
+            .bind(*next)
+            .bind(now)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        tx.commit().await?;
+        Ok(moved)
     }
 
     /// Every group's position and lag.
@@ -774,37 +785,65 @@ impl EventLog {
                 if (t.bytes as u64) <= max {
                     continue;
                 }
-                // Walk newest to oldest until the budget is spent; drop the rest.
-                let sizes: Vec<(i64, i64)> = on_pool!(&self.inner.db, |p| sqlx::query_as(
-                    "SELECT appended_at, size_bytes FROM log_events WHERE topic = $1
-                     ORDER BY appended_at DESC"
+                // Walk newest to oldest until the budget is spent; in each
+                // partition, everything at or below the first offset past the
+                // budget goes.
+                let sizes: Vec<(i32, i64, i64)> =
+                    on_pool!(&self.inner.db, |p| {
+                        sqlx::query_as(
+                    "SELECT partition_no, log_offset, size_bytes FROM log_events WHERE topic = $1
+                     ORDER BY appended_at DESC, log_offset DESC"
                 )
                 .bind(&t.topic)
                 .fetch_all(p)
-                .await)?;
+                .await
+                    })?;
                 let mut total = 0u64;
-                let mut cutoff = None;
-                for (at, size) in sizes {
+                let mut cut: BTreeMap<i32, i64> = BTreeMap::new();
+                for (partition, offset, size) in sizes {
                     total += size as u64;
                     if total > max {
-                        cutoff = Some(at);
-                        break;
+                        cut.entry(partition).or_insert(offset);
                     }
                 }
-                if let Some(cutoff) = cutoff {
-                    dropped += on_pool!(write & self.inner.db, |p| sqlx::query(
-                        "DELETE FROM log_events WHERE topic = $1 AND appended_at <= $2"
+                for (partition, offset) in cut {
+                    dropped += on_pool!(write & self.inner.db, |p| {
+                        sqlx::query(
+                        "DELETE FROM log_events WHERE topic = $1 AND partition_no = $2 AND log_offset <= $3"
                     )
                     .bind(&t.topic)
-                    .bind(cutoff)
+                    .bind(partition)
+                    .bind(offset)
                     .execute(p)
                     .await
-                    .map(|r| r.rows_affected()))?;
+                    .map(|r| r.rows_affected())
+                    })?;
                 }
             }
         }
         Ok(dropped)
     }
+}
+
+/// Rows per multi-row INSERT (13 parameters each; far below both drivers' limits).
+const INSERT_CHUNK: usize = 64;
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO log_events (topic, partition_no, log_offset, event_id, event_type, event_key, \
+         occurred_at, appended_at, correlation_id, causation_id, schema_version, payload, size_bytes) VALUES ",
+    );
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        let b = r * 13;
+        let params: Vec<String> = (1..=13).map(|i| format!("${}", b + i)).collect();
+        sql.push('(');
+        sql.push_str(&params.join(", "));
+        sql.push(')');
+    }
+    sql
 }
 
 async fn existing_ids(tx: &mut Tx, events: &[Envelope]) -> Result<HashSet<String>> {

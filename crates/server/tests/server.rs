@@ -1,0 +1,339 @@
+//! End-to-end: the real binary on 127.0.0.1:0, driven over HTTP and its CLI.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn edge_health_problems_correlation_metrics_and_graceful_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = Server::start(&data, &[]);
+    let a = agent();
+
+    let (st, _, body) = call(a.get(&s.url("/healthz")), None);
+    assert_eq!((st, json(&body)["status"].as_str()), (200, Some("ok")));
+    let (st, _, body) = call(a.get(&s.url("/readyz")), None);
+    assert_eq!((st, json(&body)["status"].as_str()), (200, Some("ready")));
+
+    // Every failure is problem+json with a stable code.
+    let cases: Vec<(ureq::Request, Option<String>, u16, &str)> = vec![
+        (
+            a.get(&s.url("/api/v1/nothing-here")),
+            None,
+            404,
+            "route_not_found",
+        ),
+        (
+            a.delete(&s.url("/healthz")),
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            a.post(&s.url("/api/v1/probe/writes")),
+            Some("{\"key\":".into()),
+            400,
+            "malformed_request",
+        ),
+        (
+            a.post(&s.url("/api/v1/probe/writes")),
+            Some("{\"key\": 5}".into()),
+            422,
+            "validation_failed",
+        ),
+        (
+            a.post(&s.url("/api/v1/probe/writes")),
+            Some("{\"key\": \"\"}".into()),
+            422,
+            "validation_failed",
+        ),
+        (
+            a.post(&s.url("/api/v1/probe/writes")),
+            Some("{\"key\": \"k\", \"bogus\": 1}".into()),
+            422,
+            "validation_failed",
+        ),
+        (
+            a.post(&s.url("/api/v1/probe/writes")),
+            Some(format!(
+                "{{\"key\": \"big\", \"value\": \"{}\"}}",
+                "x".repeat(2 * 1024 * 1024)
+            )),
+            413,
+            "payload_too_large",
+        ),
+        (
+            a.get(&s.url("/api/v1/probe/writes/never-written")),
+            None,
+            404,
+            "not_found",
+        ),
+    ];
+    for (req, body, status, code) in cases {
+        let (st, ct, body) = call(req, body.as_deref());
+        assert_eq!(st, status, "{body}");
+        assert_eq!(ct, "application/problem+json", "{body}");
+        let p = json(&body);
+        assert_eq!(p["code"], code, "{body}");
+        assert_eq!(p["status"], status);
+        assert!(p["type"].as_str().unwrap().ends_with(code));
+    }
+    let (_, _, body) = call(
+        a.post(&s.url("/api/v1/probe/writes")),
+        Some("{\"key\": \"\"}"),
+    );
+    assert_eq!(
+        json(&body)["errors"][0]["field"],
+        "key",
+        "the offending field is named"
+    );
+    let (st, _, _) = call(
+        a.post(&s.url("/api/v1/probe/writes"))
+            .set("content-type", "text/plain"),
+        None,
+    );
+    assert_eq!(st, 415);
+    // Bad input changed nothing.
+    for key in ["", "big", "k"] {
+        let (st, _, _) = call(a.get(&s.url(&format!("/api/v1/probe/writes/{key}x"))), None);
+        assert_eq!(st, 404);
+    }
+
+    // A caller's request id is echoed and reaches the event the request causes.
+    let res = a
+        .post(&s.url("/api/v1/probe/writes"))
+        .set("x-request-id", "corr-e2e-42")
+        .send_json(serde_json::json!({ "key": "order-1", "value": "v1" }))
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(res.header("x-request-id"), Some("corr-e2e-42"));
+    let created = json(&res.into_string().unwrap());
+    assert_eq!(created["seq"], 1);
+    // A W3C traceparent becomes the correlation id.
+    let res = a
+        .post(&s.url("/api/v1/probe/writes"))
+        .set(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .send_json(serde_json::json!({ "key": "order-1", "value": "v2" }))
+        .unwrap();
+    assert_eq!(
+        res.header("x-request-id"),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    // Without either, one is generated.
+    let (_, _, _) = call(a.get(&s.url("/healthz")), None);
+    let res = a.get(&s.url("/healthz")).call().unwrap();
+    assert_eq!(res.header("x-request-id").map(str::len), Some(32));
+
+    wait_until(
+        "both groups applied both writes",
+        Duration::from_secs(10),
+        || {
+            let (_, _, b) = call(a.get(&s.url("/api/v1/probe/writes/order-1")), None);
+            let v = json(&b);
+            v["applied"]["probe.applier"] == 2 && v["applied"]["probe.auditor"] == 2
+        },
+    );
+    let (ok, out, err) = cli(
+        &[
+            "events",
+            "tail",
+            "probe.events",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let events: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["correlation_id"], "corr-e2e-42");
+    assert_eq!(events[0]["id"], created["event_id"]);
+    assert!(events[0]["causation_id"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty()));
+    assert_eq!(
+        events[1]["correlation_id"],
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(events[0]["type"], "probe.written");
+    assert_eq!(events[0]["payload"]["seq"], 1);
+    assert_eq!(events[1]["payload"]["seq"], 2);
+
+    let (st, ct, metrics) = call(a.get(&s.url("/metrics")), None);
+    assert_eq!(st, 200);
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    for needle in [
+        "flowline_http_requests_total{method=\"POST\",route=\"/api/v1/probe/writes\",status=\"201\"} 2",
+        "flowline_http_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"} 1",
+        "flowline_http_request_duration_seconds_count{method=\"POST\",route=\"/api/v1/probe/writes\"}",
+        "flowline_events_appended_total{topic=\"probe.events\"} 2",
+        "flowline_events_delivered_total{group=\"probe.applier\",topic=\"probe.events\"} 2",
+        "flowline_consumer_lag{group=\"probe.auditor\",topic=\"probe.events\"} 0",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+
+    let log = s.log();
+    let status = s.terminate();
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+    let corr_lines: Vec<&str> = log.lines().filter(|l| l.contains("corr-e2e-42")).collect();
+    assert!(
+        corr_lines
+            .iter()
+            .any(|l| l.contains("probe write committed")),
+        "handler log lines carry the correlation id"
+    );
+    assert!(corr_lines.iter().any(|l| l.contains("request handled")));
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(
+        log.contains("outbox relay flushed"),
+        "relay flushed on shutdown:\n{log}"
+    );
+    assert!(log.contains("\"stopped\""));
+}
+
+#[test]
+fn failing_consumer_dead_letters_then_retry_replay_and_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let s = Server::start(&data, &[]);
+    let a = agent();
+    // max_attempts is 2 in tests: two injected failures dead-letter the event;
+    // the third attempt (the retry) succeeds.
+    let (st, _, _) = call(
+        a.post(&s.url("/api/v1/probe/writes")),
+        Some(r#"{"key": "poison", "fail_times": 2}"#),
+    );
+    assert_eq!(st, 201);
+    let mut dead = serde_json::Value::Null;
+    wait_until("dead letter", Duration::from_secs(10), || {
+        let (ok, out, _) = cli(&["events", "dlq", "list", "--json", "--data-dir", d], &[]);
+        dead = if ok {
+            json(&out)
+        } else {
+            serde_json::Value::Null
+        };
+        dead.as_array().is_some_and(|a| !a.is_empty())
+    });
+    assert_eq!(dead[0]["group"], "probe.applier");
+    assert_eq!(dead[0]["status"], "dead");
+    assert_eq!(dead[0]["attempts"], 2);
+    assert!(dead[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("injected failure 2 of 2"));
+    let (_, _, b) = call(a.get(&s.url("/api/v1/probe/writes/poison")), None);
+    assert_eq!(json(&b)["applied"]["probe.applier"], 0);
+    assert_eq!(
+        json(&b)["applied"]["probe.auditor"],
+        1,
+        "other groups are not held up"
+    );
+    let (ok, out, _) = cli(
+        &["events", "tail", "dlq.probe.applier", "--data-dir", d],
+        &[],
+    );
+    assert!(ok && out.contains("event.dead_lettered"), "{out}");
+
+    let (ok, _, err) = cli(&["events", "dlq", "retry", "--data-dir", d], &[]);
+    assert!(!ok && err.contains("--id N, or --all"), "{err}");
+    let (ok, out, err) = cli(&["events", "dlq", "retry", "--all", "--data-dir", d], &[]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("1 dead letter"), "{out}");
+    wait_until("retried event applied", Duration::from_secs(10), || {
+        let (_, _, b) = call(a.get(&s.url("/api/v1/probe/writes/poison")), None);
+        json(&b)["applied"]["probe.applier"] == 1
+    });
+    let (_, out, _) = cli(
+        &["events", "dlq", "list", "--all", "--json", "--data-dir", d],
+        &[],
+    );
+    assert_eq!(json(&out)[0]["status"], "resolved");
+
+    // Replay the auditor from the start: the inbox turns redelivery into a no-op.
+    for i in 0..3 {
+        call(
+            a.post(&s.url("/api/v1/probe/writes")),
+            Some(&format!(r#"{{"key": "r{i}"}}"#)),
+        );
+    }
+    wait_until("lag drained", Duration::from_secs(10), || {
+        let (_, out, _) = cli(&["events", "groups", "--json", "--data-dir", d], &[]);
+        json(&out).as_array().unwrap().iter().all(|g| g["lag"] == 0)
+    });
+    let (ok, out, err) = cli(
+        &[
+            "--data-dir",
+            d,
+            "events",
+            "replay",
+            "--group",
+            "probe.auditor",
+            "--from",
+            "earliest",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("4 partition(s) repositioned"), "{out}");
+    let (ok, _, err) = cli(
+        &[
+            "--data-dir",
+            d,
+            "events",
+            "replay",
+            "--group",
+            "nobody",
+            "--from",
+            "0",
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("unknown consumer group"), "{err}");
+    let (ok, _, err) = cli(
+        &[
+            "--data-dir",
+            d,
+            "events",
+            "replay",
+            "--group",
+            "probe.auditor",
+            "--from",
+            "soon",
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("neither an offset"), "{err}");
+    wait_until("replayed", Duration::from_secs(10), || {
+        let (_, out, _) = cli(&["events", "groups", "--json", "--data-dir", d], &[]);
+        json(&out).as_array().unwrap().iter().all(|g| g["lag"] == 0)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, _, metrics) = call(a.get(&s.url("/metrics")), None);
+    assert!(
+        metrics.contains(
+            "flowline_events_delivered_total{group=\"probe.auditor\",topic=\"probe.events\"} 8"
+        ),
+        "replay redelivered the 4 events:\n{metrics}"
+    );
+    for key in ["poison", "r0", "r1", "r2"] {
+        let (_, _, b) = call(a.get(&s.url(&format!("/api/v1/probe/writes/{key}"))), None);
+        assert_eq!(
+            json(&b)["applied"]["probe.auditor"],
+            1,
+            "no second effect for {key}"
+        );
+    }
+    let (ok, out, _) = cli(&["events", "topics", "--data-dir", d], &[]);
+    assert!(
+        ok && out.contains("probe.events") && out.contains("dlq.probe.applier"),
+        "{out}"
+    );
+    assert!(s.terminate().success());
+}
