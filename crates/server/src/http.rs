@@ -26,24 +26,24 @@ pub struct RequestContext {
 
 /// An error a handler returns; rendered as problem+json.
 #[derive(Debug)]
-pub struct ApiError(pub Problem);
+pub struct ApiError(pub Box<Problem>);
 
 impl From<Problem> for ApiError {
     fn from(p: Problem) -> Self {
-        ApiError(p)
+        ApiError(Box::new(p))
     }
 }
 
 impl From<flowline_store::StoreError> for ApiError {
     fn from(e: flowline_store::StoreError) -> Self {
         tracing::error!(error = %e, "storage error");
-        ApiError(Problem::new(ErrorCode::Internal))
+        ApiError::from(Problem::new(ErrorCode::Internal))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        problem_response(self.0)
+        problem_response(*self.0)
     }
 }
 
@@ -76,7 +76,7 @@ where
                     R::BytesRejection(_) => ErrorCode::PayloadTooLarge,
                     _ => ErrorCode::MalformedRequest,
                 };
-                Err(ApiError(Problem::new(code).with_detail(rej.body_text())))
+                Err(Problem::new(code).with_detail(rej.body_text()).into())
             }
         }
     }
@@ -128,7 +128,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn fallback() -> ApiError {
-    ApiError(Problem::new(ErrorCode::RouteNotFound))
+    Problem::new(ErrorCode::RouteNotFound).into()
 }
 
 /// Accepts a caller's id if it is sane (printable ASCII, ≤ 128 bytes).

@@ -114,7 +114,7 @@ fn probe_of(state: &AppState) -> Result<&Probe, ApiError> {
     state
         .probe
         .as_ref()
-        .ok_or_else(|| ApiError(Problem::new(ErrorCode::RouteNotFound)))
+        .ok_or_else(|| ApiError::from(Problem::new(ErrorCode::RouteNotFound)))
 }
 
 async fn write(

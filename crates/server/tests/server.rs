@@ -337,3 +337,53 @@ fn failing_consumer_dead_letters_then_retry_replay_and_inbox() {
     );
     assert!(s.terminate().success());
 }
+
+/// The same server on PostgreSQL (one schema per service), when configured.
+#[test]
+fn serves_on_postgresql_when_configured() {
+    let Ok(url) = std::env::var("FLOWLINE_TEST_POSTGRES_URL") else {
+        eprintln!("FLOWLINE_TEST_POSTGRES_URL not set: SQLite-only run");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let prefix = format!("e2e{}_", uuid::Uuid::now_v7().simple());
+    let env = [
+        ("FLOWLINE__DATABASE__URL", url.as_str()),
+        ("FLOWLINE__DATABASE__SCHEMA_PREFIX", prefix.as_str()),
+    ];
+    let s = Server::start(&data, &env);
+    let a = agent();
+    for i in 0..20 {
+        let (st, _, body) = call(
+            a.post(&s.url("/api/v1/probe/writes")),
+            Some(&format!(r#"{{"key": "pg-{}"}}"#, i % 3)),
+        );
+        assert_eq!(st, 201, "{body}");
+    }
+    wait_until("applied on postgres", Duration::from_secs(15), || {
+        (0..3).all(|k| {
+            let (_, _, b) = call(a.get(&s.url(&format!("/api/v1/probe/writes/pg-{k}"))), None);
+            let v = json(&b);
+            v["writes"] == v["applied"]["probe.applier"]
+                && v["writes"] == v["applied"]["probe.auditor"]
+        })
+    });
+    let (ok, out, err) = cli(&["events", "groups", "--json"], &env);
+    assert!(ok, "{err}");
+    let groups = json(&out);
+    assert_eq!(
+        groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["next_offset"].as_i64().unwrap())
+            .sum::<i64>(),
+        40
+    );
+    assert!(
+        !data.join("eventlog.db").exists(),
+        "nothing written to SQLite"
+    );
+    assert!(s.terminate().success());
+}

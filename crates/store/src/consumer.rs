@@ -15,6 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// Why a handler could not process an event.
 #[derive(Debug, Clone)]
@@ -229,7 +230,10 @@ impl<H: Handler> Worker<H> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.handler.handle(ev).await {
+            // The event's correlation id rides on every log line the handler writes.
+            let span = tracing::info_span!("event", group = %self.opts.group,
+                correlation_id = %ev.envelope.correlation_id, event_id = %ev.envelope.id);
+            match self.handler.handle(ev).instrument(span).await {
                 Ok(()) => return Ok(Outcome::Delivered),
                 Err(err) if err.permanent || attempt >= max_attempts => {
                     tracing::error!(group = %self.opts.group, event_id = %ev.envelope.id,

@@ -788,16 +788,15 @@ impl EventLog {
                 // Walk newest to oldest until the budget is spent; in each
                 // partition, everything at or below the first offset past the
                 // budget goes.
-                let sizes: Vec<(i32, i64, i64)> =
-                    on_pool!(&self.inner.db, |p| {
-                        sqlx::query_as(
+                let sizes: Vec<(i32, i64, i64)> = on_pool!(&self.inner.db, |p| {
+                    sqlx::query_as(
                     "SELECT partition_no, log_offset, size_bytes FROM log_events WHERE topic = $1
                      ORDER BY appended_at DESC, log_offset DESC"
                 )
                 .bind(&t.topic)
                 .fetch_all(p)
                 .await
-                    })?;
+                })?;
                 let mut total = 0u64;
                 let mut cut: BTreeMap<i32, i64> = BTreeMap::new();
                 for (partition, offset, size) in sizes {
