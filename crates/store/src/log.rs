@@ -296,7 +296,7 @@ impl EventLog {
             let mut offset = end - n;
             // Multi-row inserts: one statement per chunk instead of per event.
             for chunk in evs.chunks(INSERT_CHUNK) {
-                let sql = insert_sql(chunk.len());
+                let sql = insert_sql(chunk.len(), matches!(tx, Tx::Sqlite(_)));
                 let rows: Vec<(i64, &Envelope, String)> = chunk
                     .iter()
                     .map(|e| {
@@ -827,7 +827,23 @@ impl EventLog {
 /// Rows per multi-row INSERT (13 parameters each; far below both drivers' limits).
 const INSERT_CHUNK: usize = 64;
 
-fn insert_sql(rows: usize) -> String {
+/// Placeholders for `n` parameters after `start`. SQLite gets anonymous `?`:
+/// sqlx looks up each numbered parameter's name, and SQLite's lookup is linear
+/// in the number of named parameters, so `$n` binding is quadratic in a long
+/// statement (it dominated the append profile). PostgreSQL needs `$n`.
+pub(crate) fn placeholders(sqlite: bool, start: usize, n: usize) -> Vec<String> {
+    (start + 1..=start + n)
+        .map(|i| {
+            if sqlite {
+                "?".to_owned()
+            } else {
+                format!("${i}")
+            }
+        })
+        .collect()
+}
+
+fn insert_sql(rows: usize, sqlite: bool) -> String {
     let mut sql = String::from(
         "INSERT INTO log_events (topic, partition_no, log_offset, event_id, event_type, event_key, \
          occurred_at, appended_at, correlation_id, causation_id, schema_version, payload, size_bytes) VALUES ",
@@ -836,8 +852,7 @@ fn insert_sql(rows: usize) -> String {
         if r > 0 {
             sql.push_str(", ");
         }
-        let b = r * 13;
-        let params: Vec<String> = (1..=13).map(|i| format!("${}", b + i)).collect();
+        let params = placeholders(sqlite, r * 13, 13);
         sql.push('(');
         sql.push_str(&params.join(", "));
         sql.push(')');
@@ -848,10 +863,9 @@ fn insert_sql(rows: usize) -> String {
 async fn existing_ids(tx: &mut Tx, events: &[Envelope]) -> Result<HashSet<String>> {
     let mut found = HashSet::new();
     for chunk in events.chunks(500) {
-        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
         let sql = format!(
             "SELECT event_id FROM log_events WHERE event_id IN ({})",
-            placeholders.join(", ")
+            placeholders(matches!(tx, Tx::Sqlite(_)), 0, chunk.len()).join(", ")
         );
         let ids: Vec<String> = on_tx!(&mut *tx, |c| {
             let mut q = sqlx::query_scalar(&sql);

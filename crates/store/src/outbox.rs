@@ -118,10 +118,10 @@ impl Relay {
         // Delete exactly the rows relayed (not a range): on PostgreSQL a lower id
         // may commit after a higher one and must not be lost.
         for chunk in ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sqlite = matches!(self.source, Db::Sqlite { .. });
             let sql = format!(
                 "DELETE FROM outbox WHERE id IN ({})",
-                placeholders.join(", ")
+                crate::log::placeholders(sqlite, 0, chunk.len()).join(", ")
             );
             on_pool!(write & self.source, |p| {
                 let mut q = sqlx::query(&sql);
