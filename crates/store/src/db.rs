@@ -44,6 +44,30 @@ macro_rules! on_pool {
     };
 }
 
+/// Decodes an `Envelope` from a row with the envelope columns (`event_id`,
+/// `event_type`, `topic`, `event_key`, `occurred_at`, `correlation_id`,
+/// `causation_id`, `schema_version`, `payload`): the log's and the outbox's.
+macro_rules! decode_envelope {
+    ($row:expr) => {{
+        let row = $row;
+        let id: String = row.try_get("event_id")?;
+        let payload: String = row.try_get("payload")?;
+        let corrupt = |_| $crate::StoreError::CorruptEvent(id.clone());
+        flowline_core::Envelope {
+            id: uuid::Uuid::parse_str(&id).map_err(corrupt)?,
+            event_type: row.try_get("event_type")?,
+            topic: row.try_get("topic")?,
+            key: row.try_get("event_key")?,
+            occurred_at: flowline_core::Timestamp::from_micros(row.try_get("occurred_at")?),
+            correlation_id: row.try_get("correlation_id")?,
+            causation_id: row.try_get("causation_id")?,
+            schema_version: row.try_get("schema_version")?,
+            payload: serde_json::from_str(&payload)
+                .map_err(|_| $crate::StoreError::CorruptEvent(id.clone()))?,
+        }
+    }};
+}
+
 /// How hard a commit tries to reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -149,24 +149,11 @@ const EVENT_COLUMNS: &str = "topic, partition_no, log_offset, event_id, event_ty
 macro_rules! decode_event {
     ($row:expr) => {{
         let row = $row;
-        let id: String = row.try_get("event_id")?;
-        let payload: String = row.try_get("payload")?;
         RecordedEvent {
             partition: row.try_get("partition_no")?,
             offset: row.try_get("log_offset")?,
             appended_at: Timestamp::from_micros(row.try_get("appended_at")?),
-            envelope: Envelope {
-                id: Uuid::parse_str(&id).map_err(|_| StoreError::CorruptEvent(id.clone()))?,
-                event_type: row.try_get("event_type")?,
-                topic: row.try_get("topic")?,
-                key: row.try_get("event_key")?,
-                occurred_at: Timestamp::from_micros(row.try_get("occurred_at")?),
-                correlation_id: row.try_get("correlation_id")?,
-                causation_id: row.try_get("causation_id")?,
-                schema_version: row.try_get("schema_version")?,
-                payload: serde_json::from_str(&payload)
-                    .map_err(|_| StoreError::CorruptEvent(id.clone()))?,
-            },
+            envelope: decode_envelope!(row),
         }
     }};
 }
@@ -406,11 +393,7 @@ impl EventLog {
                         topic: r.try_get("topic")?,
                         partitions: r.try_get("partitions")?,
                         events: r.try_get("events")?,
-                        bytes: r.try_get::<i64, _>("bytes").or_else(|_| {
-                            // PostgreSQL's sum(bigint) is numeric; cast through text.
-                            r.try_get::<String, _>("bytes")
-                                .map(|s| s.parse().unwrap_or(0))
-                        })?,
+                        bytes: r.try_get("bytes")?,
                     })
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()

@@ -11,12 +11,11 @@ use crate::db::{Db, Tx};
 use crate::log::EventLog;
 use crate::migrate::Migration;
 use crate::Result;
-use flowline_core::{Envelope, Timestamp};
+use flowline_core::Envelope;
 use sqlx::Row;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
-use uuid::Uuid;
 
 /// Kernel tables (outbox, inbox) that every service database carries.
 pub const KERNEL_MIGRATIONS: &[Migration] = &[Migration {
@@ -88,26 +87,7 @@ impl Relay {
             .fetch_all(p)
             .await?;
             rows.iter()
-                .map(|r| {
-                    let id: String = r.try_get("event_id")?;
-                    let payload: String = r.try_get("payload")?;
-                    Ok((
-                        r.try_get::<i64, _>("id")?,
-                        Envelope {
-                            id: Uuid::parse_str(&id)
-                                .map_err(|_| crate::StoreError::CorruptEvent(id.clone()))?,
-                            event_type: r.try_get("event_type")?,
-                            topic: r.try_get("topic")?,
-                            key: r.try_get("event_key")?,
-                            occurred_at: Timestamp::from_micros(r.try_get("occurred_at")?),
-                            correlation_id: r.try_get("correlation_id")?,
-                            causation_id: r.try_get("causation_id")?,
-                            schema_version: r.try_get("schema_version")?,
-                            payload: serde_json::from_str(&payload)
-                                .map_err(|_| crate::StoreError::CorruptEvent(id.clone()))?,
-                        },
-                    ))
-                })
+                .map(|r| Ok((r.try_get::<i64, _>("id")?, decode_envelope!(r))))
                 .collect::<Result<Vec<_>>>()
         })?;
         if rows.is_empty() {
