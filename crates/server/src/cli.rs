@@ -6,7 +6,6 @@ use crate::config::{self, Settings};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flowline_store::{EventLog, ReplayFrom};
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -178,11 +177,16 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(());
-    match tokio::time::timeout(grace, server).await {
+    let mut server = server;
+    match tokio::time::timeout(grace, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
         Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-        Err(_) => tracing::warn!("in-flight requests did not finish within the grace period"),
+        Err(_) => {
+            // Stop the stragglers before the stores close under them.
+            server.abort();
+            tracing::warn!("in-flight requests did not finish within the grace period; aborted");
+        }
     }
     app.stop().await;
     tracing::info!("stopped");
@@ -216,27 +220,26 @@ async fn events(settings: Settings, cmd: EventsCommand) -> anyhow::Result<()> {
             limit,
             follow,
         } => {
-            let mut printed: HashMap<i32, i64> = HashMap::new();
-            let mut cursor = from;
+            // Per-partition cursors: exact, whatever the timestamps.
+            let mut cursors: Vec<(i32, i64)> = log.resolve(&topic, from).await?;
             loop {
-                let batch = log.tail(&topic, cursor, limit).await?;
-                for ev in &batch {
-                    if printed.get(&ev.partition).is_some_and(|o| ev.offset <= *o) {
-                        continue;
-                    }
-                    printed.insert(ev.partition, ev.offset);
+                let mut page = Vec::new();
+                for (partition, next) in &cursors {
+                    page.extend(log.read(&topic, *partition, *next, limit.max(1)).await?);
+                }
+                page.sort_by_key(|e| (e.appended_at, e.partition, e.offset));
+                page.truncate(limit.max(0) as usize);
+                for ev in &page {
                     writeln!(out, "{}", serde_json::to_string(ev)?)?;
+                    if let Some(c) = cursors.iter_mut().find(|c| c.0 == ev.partition) {
+                        c.1 = ev.offset + 1;
+                    }
                 }
                 out.flush()?;
                 if !follow {
                     break;
                 }
-                if let Some(last) = batch.last() {
-                    cursor = ReplayFrom::Time(last.appended_at);
-                } else if cursor == ReplayFrom::Latest {
-                    cursor = ReplayFrom::Time(flowline_core::Timestamp::now());
-                }
-                if batch.len() as i64 >= limit {
+                if !page.is_empty() {
                     continue;
                 }
                 tokio::select! {

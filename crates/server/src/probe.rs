@@ -135,6 +135,15 @@ async fn write(
             .into());
     }
     let mut tx = probe.db.begin().await?;
+    if let flowline_store::Tx::Postgres(t) = &mut tx {
+        // SQLite's BEGIN IMMEDIATE already serialises writers; PostgreSQL needs
+        // a per-key lock so two writes to one key cannot take the same seq.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(&req.key)
+            .execute(&mut **t)
+            .await
+            .map_err(flowline_store::StoreError::from)?;
+    }
     let seq: i64 = flowline_store::on_tx!(&mut tx, |c| sqlx::query_scalar(
         "SELECT coalesce(max(seq), 0) + 1 FROM probe_writes WHERE key = $1"
     )

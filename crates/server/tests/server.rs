@@ -330,6 +330,34 @@ fn failing_consumer_dead_letters_then_retry_replay_and_inbox() {
             "no second effect for {key}"
         );
     }
+    // Tail pages by per-partition offsets: a limit below one append batch works.
+    let (ok, out, _) = cli(
+        &[
+            "events",
+            "tail",
+            "probe.events",
+            "--limit",
+            "2",
+            "--data-dir",
+            d,
+        ],
+        &[],
+    );
+    assert!(ok);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (_, out, _) = cli(
+        &[
+            "events",
+            "tail",
+            "probe.events",
+            "--from",
+            "latest",
+            "--data-dir",
+            d,
+        ],
+        &[],
+    );
+    assert_eq!(out.lines().count(), 0, "{out}");
     let (ok, out, _) = cli(&["events", "topics", "--data-dir", d], &[]);
     assert!(
         ok && out.contains("probe.events") && out.contains("dlq.probe.applier"),

@@ -182,6 +182,10 @@ impl<H: Handler> Worker<H> {
                 // Retention may have dropped events below our position.
                 let mut done = first.offset.min(next);
                 for ev in &events {
+                    if self.stopping() {
+                        stopped = true;
+                        break;
+                    }
                     match self.deliver(ev, &labels).await? {
                         Outcome::Delivered => {
                             delivered += 1;

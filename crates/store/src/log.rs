@@ -421,7 +421,8 @@ impl EventLog {
             let offset = resolve_start(&mut tx, topic, partition, start).await?;
             on_tx!(&mut tx, |c| sqlx::query(
                 "INSERT INTO log_groups (group_name, topic, partition_no, next_offset, updated_at)
-                 VALUES ($1, $2, $3, $4, $5)"
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (group_name, topic, partition_no) DO NOTHING"
             )
             .bind(group)
             .bind(topic)
@@ -433,6 +434,21 @@ impl EventLog {
             .map(|r| r.rows_affected()))?;
         }
         tx.commit().await
+    }
+
+    /// Where `from` points in each partition of `topic` (for readers that are
+    /// not consumer groups, such as `events tail`).
+    pub async fn resolve(&self, topic: &str, from: ReplayFrom) -> Result<Vec<(i32, i64)>> {
+        let mut tx = self.inner.db.begin().await?;
+        let mut out = Vec::new();
+        for partition in 0..self.inner.opts.partitions as i32 {
+            out.push((
+                partition,
+                resolve_start(&mut tx, topic, partition, from).await?,
+            ));
+        }
+        tx.rollback().await?;
+        Ok(out)
     }
 
     /// Next offset per partition for `group` on `topic`.
@@ -582,10 +598,13 @@ impl EventLog {
         let e = &event.envelope;
         let now = Timestamp::now().as_micros();
         let mut tx = self.inner.db.begin().await?;
-        on_tx!(&mut tx, |c| sqlx::query(
+        let inserted =
+            on_tx!(&mut tx, |c| {
+                sqlx::query(
             "INSERT INTO log_dead_letters (group_name, topic, partition_no, log_offset, event_id,
                 event_type, error, attempts, status, dead_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'dead', $9, $9)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'dead', $9, $9)
+             ON CONFLICT (group_name, event_id) DO NOTHING"
         )
         .bind(group)
         .bind(&e.topic)
@@ -598,7 +617,13 @@ impl EventLog {
         .bind(now)
         .execute(c)
         .await
-        .map(|r| r.rows_affected()))?;
+        .map(|r| r.rows_affected())
+            })?;
+        if inserted == 0 {
+            // Already dead-lettered before a crash: nothing new to record.
+            tx.rollback().await?;
+            return Ok(());
+        }
         let dlq = Envelope::caused_by(
             EventDraft::new(
                 format!("{DLQ_TOPIC_PREFIX}{group}"),
@@ -693,6 +718,23 @@ impl EventLog {
         &self,
         group: &str,
     ) -> Result<Vec<(i64, i32, RecordedEvent)>> {
+        // A retried event that retention already dropped can never be delivered:
+        // put it back to `dead` with the reason instead of leaving it pending.
+        on_pool!(write & self.inner.db, |p| {
+            sqlx::query(
+            "UPDATE log_dead_letters SET status = 'dead', error = 'event no longer in the log (retention)',
+                updated_at = $2
+             WHERE group_name = $1 AND status = 'retry' AND NOT EXISTS (
+                SELECT 1 FROM log_events e WHERE e.topic = log_dead_letters.topic
+                  AND e.partition_no = log_dead_letters.partition_no
+                  AND e.log_offset = log_dead_letters.log_offset)"
+        )
+        .bind(group)
+        .bind(Timestamp::now().as_micros())
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected())
+        })?;
         let sql = format!(
             "SELECT d.id AS dl_id, d.attempts AS dl_attempts, {cols}
              FROM log_dead_letters d JOIN log_events e

@@ -608,3 +608,51 @@ async fn migrations_are_idempotent() {
         db.ping().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn an_event_is_dead_lettered_once_per_group_even_when_redelivered() {
+    for b in backends(Durability::Full) {
+        let log = EventLog::open(&b.backend, opts()).await.unwrap();
+        let h = Flaky::default();
+        h.fail_first.lock().unwrap().insert(0, u32::MAX);
+        let (stop, stop_rx) = watch::channel(false);
+        let s = log
+            .subscribe(ConsumerOptions::new("g", &["poison"]), h.clone(), stop_rx)
+            .await
+            .unwrap();
+        log.append(&[ev("poison", "k", 0)]).await.unwrap();
+        wait_for("first dead letter", || {
+            h.attempts.lock().unwrap().get(&0) == Some(&3)
+        })
+        .await;
+        // As after a crash before the position was committed: the event comes back.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while log.groups().await.unwrap().iter().any(|g| g.lag > 0) {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log.replay("g", None, ReplayFrom::Earliest).await.unwrap();
+        wait_for("second exhaustion", || {
+            h.attempts.lock().unwrap().get(&0) == Some(&6)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            log.dead_letters(Some("g"), true).await.unwrap().len(),
+            1,
+            "{}",
+            b.name()
+        );
+        assert_eq!(
+            log.tail("dlq.g", ReplayFrom::Earliest, 10)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "{}",
+            b.name()
+        );
+        stop.send(true).unwrap();
+        s.task.await.unwrap();
+    }
+}

@@ -51,3 +51,6 @@ CREATE TABLE log_dead_letters (
     updated_at   INTEGER NOT NULL
 );
 CREATE INDEX log_dead_letters_group ON log_dead_letters (group_name, status);
+-- An event is dead-lettered once per group, even if a crash makes the consumer
+-- exhaust its attempts again before its position was committed.
+CREATE UNIQUE INDEX log_dead_letters_once ON log_dead_letters (group_name, event_id);
