@@ -598,9 +598,8 @@ impl EventLog {
         let e = &event.envelope;
         let now = Timestamp::now().as_micros();
         let mut tx = self.inner.db.begin().await?;
-        let inserted =
-            on_tx!(&mut tx, |c| {
-                sqlx::query(
+        let inserted = on_tx!(&mut tx, |c| {
+            sqlx::query(
             "INSERT INTO log_dead_letters (group_name, topic, partition_no, log_offset, event_id,
                 event_type, error, attempts, status, dead_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'dead', $9, $9)
@@ -618,7 +617,7 @@ impl EventLog {
         .execute(c)
         .await
         .map(|r| r.rows_affected())
-            })?;
+        })?;
         if inserted == 0 {
             // Already dead-lettered before a crash: nothing new to record.
             tx.rollback().await?;
