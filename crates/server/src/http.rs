@@ -3,84 +3,17 @@
 
 use crate::app::AppState;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use flowline_core::{ErrorCode, Problem};
+pub use flowline_http::{
+    problem_response, ApiError, ApiJson, RequestContext, PROBLEM_JSON, REQUEST_ID,
+};
 use std::sync::Arc;
 use std::time::Instant;
-
-pub const REQUEST_ID: &str = "x-request-id";
-const PROBLEM_JSON: &str = "application/problem+json";
-
-/// Per-request context: who asked, for correlating logs and events.
-#[derive(Debug, Clone)]
-pub struct RequestContext {
-    /// Follows the request through every log line and event it causes.
-    pub correlation_id: String,
-    /// This hop's own id: the `causation_id` of events the request emits.
-    pub request_id: String,
-}
-
-/// An error a handler returns; rendered as problem+json.
-#[derive(Debug)]
-pub struct ApiError(pub Box<Problem>);
-
-impl From<Problem> for ApiError {
-    fn from(p: Problem) -> Self {
-        ApiError(Box::new(p))
-    }
-}
-
-impl From<flowline_store::StoreError> for ApiError {
-    fn from(e: flowline_store::StoreError) -> Self {
-        tracing::error!(error = %e, "storage error");
-        ApiError::from(Problem::new(ErrorCode::Internal))
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        problem_response(*self.0)
-    }
-}
-
-pub fn problem_response(p: Problem) -> Response {
-    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut res = (status, Json(p)).into_response();
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-    res
-}
-
-/// JSON body extractor whose rejections are problems naming what was wrong.
-pub struct ApiJson<T>(pub T);
-
-impl<T, S> axum::extract::FromRequest<S> for ApiJson<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        use axum::extract::rejection::JsonRejection as R;
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => {
-                let code = match &rej {
-                    R::JsonDataError(_) => ErrorCode::ValidationFailed,
-                    R::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
-                    R::BytesRejection(_) => ErrorCode::PayloadTooLarge,
-                    _ => ErrorCode::MalformedRequest,
-                };
-                Err(Problem::new(code).with_detail(rej.body_text()).into())
-            }
-        }
-    }
-}
 
 pub fn router(state: Arc<AppState>, api: Router<Arc<AppState>>) -> Router {
     let s = &state.settings.server;
