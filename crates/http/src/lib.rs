@@ -5,6 +5,8 @@
 //! naming what was wrong. `RequestContext` carries the correlation id the edge
 //! middleware assigned.
 
+pub mod ratelimit;
+
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -23,13 +25,51 @@ pub struct RequestContext {
     pub request_id: String,
 }
 
+/// The authenticated caller, put in request extensions by the gateway's
+/// authentication step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: String,
+    pub session_id: String,
+    pub roles: Vec<String>,
+}
+
+impl Principal {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| Problem::new(ErrorCode::Unauthenticated).into())
+    }
+}
+
 /// An error a handler returns; rendered as problem+json.
 #[derive(Debug)]
-pub struct ApiError(pub Box<Problem>);
+pub struct ApiError(pub Box<Problem>, Option<std::time::Duration>);
+
+impl ApiError {
+    /// Adds a `Retry-After` header (whole seconds, rounded up).
+    pub fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.1 = Some(wait);
+        self
+    }
+}
 
 impl From<Problem> for ApiError {
     fn from(p: Problem) -> Self {
-        ApiError(Box::new(p))
+        ApiError(Box::new(p), None)
     }
 }
 
@@ -42,7 +82,13 @@ impl From<flowline_store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        problem_response(*self.0)
+        let mut res = problem_response(*self.0);
+        if let Some(wait) = self.1 {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        res
     }
 }
 

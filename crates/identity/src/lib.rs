@@ -8,8 +8,13 @@
 
 pub mod credentials;
 pub mod password;
+pub mod routes;
+pub mod service;
+pub mod sessions;
 pub mod tokens;
 
 pub use credentials::{CredentialError, Email, Password};
 pub use password::PasswordHasher;
+pub use service::{Device, Identity, IdentityConfig, TokenPair, User};
+pub use sessions::{Session, SessionStore};
 pub use tokens::{AccessClaims, KeyRing, SigningKey, TokenError};

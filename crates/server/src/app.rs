@@ -5,6 +5,8 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::probe::Probe;
 use anyhow::Context;
+use flowline_http::ratelimit::{MemoryRateLimiter, RateLimiter};
+use flowline_identity::Identity;
 use flowline_store::outbox::Relay;
 use flowline_store::{Backend, Db, EventLog};
 use std::fs::File;
@@ -20,6 +22,8 @@ pub struct AppState {
     /// Every service database, for readiness.
     pub databases: Vec<(&'static str, Db)>,
     pub probe: Option<Probe>,
+    pub identity: Arc<Identity>,
+    pub limiter: Arc<dyn RateLimiter>,
 }
 
 impl AppState {
@@ -45,11 +49,20 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         Backend::Postgres { .. } => None,
     };
     let log = EventLog::open(&backend, settings.log_options()).await?;
-    log.db().close().await;
     let probe = Db::open(&backend, "probe").await?;
     crate::probe::migrate(&probe).await?;
     probe.close().await;
+    let identity = open_identity(settings, &log).await?;
+    identity.db.close().await;
+    log.db().close().await;
     Ok(())
+}
+
+/// The identity context alone, for CLI commands (users, keys).
+pub async fn open_identity(settings: &Settings, log: &EventLog) -> anyhow::Result<Identity> {
+    let db = Db::open(&settings.backend()?, "identity").await?;
+    let relay = Relay::new(db.clone(), log.clone());
+    Ok(Identity::open(db, relay, settings.identity_config()).await?)
 }
 
 /// The running application: state plus background tasks.
@@ -90,17 +103,36 @@ impl App {
             None
         };
 
-        let housekeeping = vec![tokio::spawn(retention(
-            log.clone(),
-            settings.clone(),
-            shutdown_rx.clone(),
-        ))];
+        let identity_db = Db::open(&backend, "identity").await?;
+        let identity_relay = Relay::new(identity_db.clone(), log.clone());
+        let identity = Arc::new(
+            Identity::open(
+                identity_db.clone(),
+                identity_relay.clone(),
+                settings.identity_config(),
+            )
+            .await?,
+        );
+        relays.push(tokio::spawn(identity_relay.run(shutdown_rx.clone())));
+        databases.push(("identity", identity_db));
+
+        let housekeeping = vec![
+            tokio::spawn(retention(
+                log.clone(),
+                settings.clone(),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(reload_keys(identity.clone(), shutdown_rx.clone())),
+        ];
+        let limiter: Arc<dyn RateLimiter> = Arc::new(MemoryRateLimiter::default());
         let state = Arc::new(AppState {
             settings,
             log,
             metrics,
             databases,
             probe,
+            identity,
+            limiter,
         });
         Ok(App {
             state,
@@ -126,6 +158,19 @@ impl App {
             db.close().await;
         }
         self.state.log.db().close().await;
+    }
+}
+
+/// Picks up signing keys added by `flowline keys rotate` in another process.
+async fn reload_keys(identity: Arc<Identity>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = identity.reload_keys().await {
+            tracing::warn!(error = %e, "cannot reload signing keys");
+        }
     }
 }
 

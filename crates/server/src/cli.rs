@@ -44,9 +44,40 @@ pub enum Command {
     /// Inspect and operate the event log.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Manage token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run a benchmark scenario.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a user (for bootstrapping an admin). Prompts for the password
+    /// when `--password` is left out.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long, default_value = "Administrator")]
+        name: String,
+        /// Give the user the admin role.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Add a new signing key; tokens signed by earlier keys stay valid until they expire.
+    Rotate,
+    /// The published keys (JWKS).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +180,51 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events(cmd) => events(settings, cmd).await,
         Command::Bench(cmd) => crate::bench::run(settings, cmd).await,
+        Command::Users(UsersCommand::Create {
+            email,
+            password,
+            name,
+            admin,
+        }) => {
+            let password = match password {
+                Some(p) => p,
+                None => read_password()?,
+            };
+            let log = open_log(&settings).await?;
+            let identity = crate::app::open_identity(&settings, &log).await?;
+            let ctx = flowline_http::RequestContext {
+                correlation_id: flowline_core::id::new_correlation_id(),
+                request_id: flowline_core::id::new_id().to_string(),
+            };
+            let user = identity
+                .create_user(&ctx, &email, &password, &name, admin)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}",
+                        e.0.detail.clone().unwrap_or_else(|| e.0.title.to_owned())
+                    )
+                })?;
+            println!(
+                "created user {} ({}, role {})",
+                user.id, user.email, user.role
+            );
+            Ok(())
+        }
+        Command::Keys(cmd) => {
+            let log = open_log(&settings).await?;
+            let identity = crate::app::open_identity(&settings, &log).await?;
+            match cmd {
+                KeysCommand::Rotate => {
+                    let kid = identity.rotate_keys().await?;
+                    println!("new signing key {kid}; running servers pick it up within seconds");
+                }
+                KeysCommand::List => {
+                    println!("{}", serde_json::to_string_pretty(&identity.jwks())?)
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -160,7 +236,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let router = crate::http::router(app.state.clone(), api_routes());
+    let router = crate::http::router(
+        app.state.clone(),
+        api_routes(&app.state),
+        root_routes(&app.state),
+    );
     tracing::info!(%addr, backend = app.state.log.db().backend_name(), "flowline listening");
     // The one line on stdout: scripts and tests read the bound address here.
     println!("flowline listening on http://{addr}");
@@ -168,11 +248,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .await
     });
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -193,8 +276,27 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn api_routes() -> axum::Router<std::sync::Arc<crate::app::AppState>> {
-    axum::Router::new().merge(crate::probe::routes())
+fn root_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate::app::AppState>> {
+    flowline_identity::routes::well_known(auth_state(state))
+}
+
+fn auth_state(state: &crate::app::AppState) -> flowline_identity::routes::AuthState {
+    let r = &state.settings.ratelimit;
+    flowline_identity::routes::AuthState {
+        identity: state.identity.clone(),
+        limiter: r.enabled.then(|| {
+            (
+                state.limiter.clone(),
+                flowline_http::ratelimit::Quota::per_minute(r.user_per_minute, r.user_burst),
+            )
+        }),
+    }
+}
+
+fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate::app::AppState>> {
+    axum::Router::new()
+        .merge(crate::probe::routes())
+        .merge(flowline_identity::routes::api_routes(auth_state(state)))
 }
 
 async fn shutdown_signal() {
@@ -204,6 +306,40 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Reads a password without echo from a terminal, or one line from a pipe.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("password: ");
+        std::io::stderr().flush().ok();
+        // SAFETY: termios calls on our own stdin, restored before returning.
+        let mut term: libc::termios = unsafe { std::mem::zeroed() };
+        let have = unsafe { libc::tcgetattr(0, &mut term) } == 0;
+        if have {
+            let mut quiet = term;
+            quiet.c_lflag &= !libc::ECHO;
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) };
+        }
+        let mut line = String::new();
+        let read = stdin.lock().read_line(&mut line);
+        if have {
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &term) };
+        }
+        eprintln!();
+        read?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line)?;
+    let pw = line.trim_end_matches(['\r', '\n']).to_owned();
+    anyhow::ensure!(
+        !pw.is_empty(),
+        "no password given: use --password or write it on stdin"
+    );
+    Ok(pw)
 }
 
 async fn open_log(settings: &Settings) -> anyhow::Result<EventLog> {

@@ -19,6 +19,69 @@ pub struct Settings {
     pub eventlog: EventLogSettings,
     pub log: LogSettings,
     pub probe: ProbeSettings,
+    pub auth: AuthSettings,
+    pub ratelimit: RateLimitSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// `iss` of access tokens.
+    pub issuer: String,
+    /// `aud` of access tokens.
+    pub audience: String,
+    pub access_ttl: HumanDuration,
+    pub session_ttl: HumanDuration,
+    /// Concurrent Argon2id hashes (each holds ~19 MiB and a core).
+    pub hash_concurrency: usize,
+    /// Failed logins for one account before each further attempt must wait.
+    pub lockout_threshold: u32,
+    /// The longest wait an account's failures can impose (never a permanent lock).
+    pub lockout_max_delay: HumanDuration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            issuer: "flowline".into(),
+            audience: "flowline-api".into(),
+            access_ttl: HumanDuration(Duration::from_secs(15 * 60)),
+            session_ttl: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+            hash_concurrency: 2,
+            lockout_threshold: 5,
+            lockout_max_delay: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Requests per minute (sustained) and burst, per client IP or per user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Every route, per client IP.
+    pub ip_per_minute: u32,
+    pub ip_burst: u32,
+    /// Login, register and refresh, per client IP (stricter).
+    pub auth_per_minute: u32,
+    pub auth_burst: u32,
+    /// Authenticated routes, per user.
+    pub user_per_minute: u32,
+    pub user_burst: u32,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings {
+            enabled: true,
+            ip_per_minute: 6000,
+            ip_burst: 500,
+            auth_per_minute: 30,
+            auth_burst: 10,
+            user_per_minute: 3000,
+            user_burst: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +153,8 @@ impl Default for Settings {
             eventlog: EventLogSettings::default(),
             log: LogSettings::default(),
             probe: ProbeSettings::default(),
+            auth: AuthSettings::default(),
+            ratelimit: RateLimitSettings::default(),
         }
     }
 }
@@ -287,6 +352,22 @@ impl Settings {
         if self.server.body_limit_bytes == 0 {
             bail!("invalid configuration key `server.body_limit_bytes`: must be positive");
         }
+        let r = &self.ratelimit;
+        for (k, v) in [
+            ("ip_per_minute", r.ip_per_minute),
+            ("ip_burst", r.ip_burst),
+            ("auth_per_minute", r.auth_per_minute),
+            ("auth_burst", r.auth_burst),
+            ("user_per_minute", r.user_per_minute),
+            ("user_burst", r.user_burst),
+        ] {
+            if v == 0 {
+                bail!("invalid configuration key `ratelimit.{k}`: must be positive");
+            }
+        }
+        if self.auth.hash_concurrency == 0 {
+            bail!("invalid configuration key `auth.hash_concurrency`: must be positive");
+        }
         if self.database.max_connections == 0 {
             bail!("invalid configuration key `database.max_connections`: must be positive");
         }
@@ -324,6 +405,19 @@ impl Settings {
             *max_connections = self.database.max_connections;
         }
         Ok(b)
+    }
+
+    pub fn identity_config(&self) -> flowline_identity::IdentityConfig {
+        let a = &self.auth;
+        flowline_identity::IdentityConfig {
+            issuer: a.issuer.clone(),
+            audience: a.audience.clone(),
+            access_ttl: a.access_ttl.0,
+            session_ttl: a.session_ttl.0,
+            hash_concurrency: a.hash_concurrency,
+            lockout_threshold: a.lockout_threshold,
+            lockout_max_delay: a.lockout_max_delay.0,
+        }
     }
 
     pub fn log_options(&self) -> flowline_store::LogOptions {

@@ -9,21 +9,27 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use flowline_core::{ErrorCode, Problem};
+use flowline_http::ratelimit::{Decision, Quota};
 pub use flowline_http::{
     problem_response, ApiError, ApiJson, RequestContext, PROBLEM_JSON, REQUEST_ID,
 };
 use std::sync::Arc;
 use std::time::Instant;
 
-pub fn router(state: Arc<AppState>, api: Router<Arc<AppState>>) -> Router {
+/// `api` is mounted under `/api/v1`, `root` at the root (e.g. `/.well-known/…`).
+pub fn router(
+    state: Arc<AppState>,
+    api: Router<Arc<AppState>>,
+    root: Router<Arc<AppState>>,
+) -> Router {
     let s = &state.settings.server;
-    Router::new()
-        .route("/healthz", get(healthz))
+    root.route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
         .fallback(fallback)
         .layer(axum::extract::DefaultBodyLimit::max(s.body_limit_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(middleware::from_fn_with_state(state.clone(), edge))
         .with_state(state)
 }
@@ -150,6 +156,46 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
     res
 }
 
+/// Gateway step after correlation: per-client-IP limits, stricter on the
+/// credential routes (login, register, refresh). 429 with `Retry-After`.
+async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let r = &state.settings.ratelimit;
+    if !r.enabled {
+        return next.run(req).await;
+    }
+    let ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let path = req.uri().path();
+    let credential = matches!(
+        path,
+        "/api/v1/auth/login" | "/api/v1/auth/register" | "/api/v1/auth/refresh"
+    );
+    let mut checks = vec![(
+        format!("ip:{ip}"),
+        Quota::per_minute(r.ip_per_minute, r.ip_burst),
+    )];
+    if credential {
+        checks.push((
+            format!("auth:{ip}"),
+            Quota::per_minute(r.auth_per_minute, r.auth_burst),
+        ));
+    }
+    for (key, quota) in checks {
+        if let Decision::Limited(wait) = state.limiter.check(&key, quota).await {
+            tracing::warn!(%ip, path, "rate limited");
+            return ApiError::from(
+                Problem::new(ErrorCode::RateLimited).with_detail("request limit for this client"),
+            )
+            .with_retry_after(wait)
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// Route label for requests no route matched: bounded cardinality.
 fn route_of(path: &str) -> String {
     match path {
@@ -166,6 +212,8 @@ async fn normalize_error(res: Response) -> Response {
     }
     let code = match status.as_u16() {
         400 => ErrorCode::MalformedRequest,
+        401 => ErrorCode::Unauthenticated,
+        403 => ErrorCode::PermissionDenied,
         404 => ErrorCode::RouteNotFound,
         405 => ErrorCode::MethodNotAllowed,
         408 | 504 => ErrorCode::RequestTimeout,
@@ -173,6 +221,7 @@ async fn normalize_error(res: Response) -> Response {
         413 => ErrorCode::PayloadTooLarge,
         415 => ErrorCode::UnsupportedMediaType,
         422 => ErrorCode::ValidationFailed,
+        429 => ErrorCode::RateLimited,
         503 => ErrorCode::ServiceUnavailable,
         _ => ErrorCode::Internal,
     };

@@ -16,7 +16,7 @@ pub struct Server {
     pub data_dir: PathBuf,
 }
 
-/// Environment every test server gets: probe context on, fast retries, quiet logs.
+/// Environment every test server gets: probe context on, fast retries, JSON logs.
 pub fn base_env() -> Vec<(String, String)> {
     [
         ("FLOWLINE__PROBE__ENABLED", "true"),
@@ -24,6 +24,9 @@ pub fn base_env() -> Vec<(String, String)> {
         ("FLOWLINE__EVENTLOG__BACKOFF_BASE", "10ms"),
         ("FLOWLINE__EVENTLOG__BACKOFF_MAX", "50ms"),
         ("FLOWLINE__EVENTLOG__MAX_ATTEMPTS", "2"),
+        // Story tests log in often; the rate-limit tests set their own limits.
+        ("FLOWLINE__RATELIMIT__AUTH_PER_MINUTE", "100000"),
+        ("FLOWLINE__RATELIMIT__AUTH_BURST", "1000"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

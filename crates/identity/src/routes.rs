@@ -1,0 +1,314 @@
+//! HTTP for the identity context, and the gateway's authentication and
+//! permission steps that every context's protected routes sit behind.
+
+use crate::service::{Device, Identity, TokenPair, User};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+use flowline_core::{ErrorCode, Problem};
+use flowline_http::ratelimit::{Decision, Quota, RateLimiter};
+use flowline_http::{ApiError, ApiJson, Principal, RequestContext};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The identity context's state plus the per-user rate limit of the gateway.
+#[derive(Clone)]
+pub struct AuthState {
+    pub identity: Arc<Identity>,
+    pub limiter: Option<(Arc<dyn RateLimiter>, Quota)>,
+}
+
+/// `/api/v1` routes: public auth flows, the caller's own account, and admin.
+pub fn api_routes<S: Clone + Send + Sync + 'static>(state: AuthState) -> Router<S> {
+    let public = Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/login", post(login))
+        .route("/auth/refresh", post(refresh));
+    let authed = Router::new()
+        .route("/auth/logout", post(logout))
+        .route("/auth/logout-all", post(logout_all))
+        .route("/auth/sessions", get(sessions))
+        .route("/auth/sessions/{id}", delete(end_session))
+        .route("/users/me", get(me).patch(update_me))
+        .route("/users/me/password", post(change_password))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    let admin = Router::new()
+        .route("/admin/users/{id}/ban", post(ban))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_role_admin,
+        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    public.merge(authed).merge(admin).with_state(state)
+}
+
+/// Root routes: `/.well-known/jwks.json`.
+pub fn well_known<S: Clone + Send + Sync + 'static>(state: AuthState) -> Router<S> {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .with_state(state)
+}
+
+fn device(headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Device {
+    Device {
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned(),
+        ip: peer.map(|c| c.0.ip().to_string()).unwrap_or_default(),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn challenge(mut res: Response, error: Option<&str>) -> Response {
+    let v = match error {
+        Some(e) => format!("Bearer error=\"{e}\""),
+        None => "Bearer".to_owned(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    res
+}
+
+/// Gateway step: a valid access token of an active session, then the per-user limit.
+pub async fn require_auth(
+    State(state): State<AuthState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = bearer(req.headers()) else {
+        return challenge(
+            ApiError::from(Problem::new(ErrorCode::Unauthenticated)).into_response(),
+            None,
+        );
+    };
+    let principal = match state.identity.authenticate(token).await {
+        Ok(p) => p,
+        Err(e) => return challenge(e.into_response(), Some("invalid_token")),
+    };
+    if let Some((limiter, quota)) = &state.limiter {
+        if let Decision::Limited(wait) = limiter
+            .check(&format!("user:{}", principal.user_id), *quota)
+            .await
+        {
+            return ApiError::from(
+                Problem::new(ErrorCode::RateLimited).with_detail("per-user request limit"),
+            )
+            .with_retry_after(wait)
+            .into_response();
+        }
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// Gateway step: the `admin` role; a refusal is audited.
+pub async fn require_role_admin(
+    State(state): State<AuthState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let p = req.extensions().get::<Principal>().cloned();
+    match p {
+        Some(p) if p.has_role("admin") => next.run(req).await,
+        other => {
+            let ctx = req
+                .extensions()
+                .get::<RequestContext>()
+                .cloned()
+                .unwrap_or_else(|| RequestContext {
+                    correlation_id: flowline_core::id::new_correlation_id(),
+                    request_id: flowline_core::id::new_id().to_string(),
+                });
+            let user = other.map(|p| p.user_id).unwrap_or_default();
+            state
+                .identity
+                .audit(
+                    &ctx,
+                    "auth.permission_denied",
+                    &user,
+                    serde_json::json!({
+                        "user_id": user, "method": req.method().as_str(), "path": req.uri().path(), "required_role": "admin",
+                    }),
+                )
+                .await;
+            ApiError::from(
+                Problem::new(ErrorCode::PermissionDenied).with_detail("requires the admin role"),
+            )
+            .into_response()
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    email: String,
+    password: String,
+    display_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshRequest {
+    refresh_token: String,
+}
+
+#[derive(Debug, Serialize)]
+struct AuthResponse {
+    user: User,
+    #[serde(flatten)]
+    tokens: TokenPair,
+}
+
+async fn register(
+    State(s): State<AuthState>,
+    Extension(ctx): Extension<RequestContext>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    ApiJson(r): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<AuthResponse>), ApiError> {
+    let d = device(&headers, peer.as_ref().map(|e| &e.0));
+    let (user, tokens) = s
+        .identity
+        .register(&ctx, &d, &r.email, &r.password, &r.display_name)
+        .await?;
+    Ok((StatusCode::CREATED, Json(AuthResponse { user, tokens })))
+}
+
+async fn login(
+    State(s): State<AuthState>,
+    Extension(ctx): Extension<RequestContext>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    ApiJson(r): ApiJson<LoginRequest>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    let d = device(&headers, peer.as_ref().map(|e| &e.0));
+    let (user, tokens) = s.identity.login(&ctx, &d, &r.email, &r.password).await?;
+    Ok(Json(AuthResponse { user, tokens }))
+}
+
+async fn refresh(
+    State(s): State<AuthState>,
+    Extension(ctx): Extension<RequestContext>,
+    ApiJson(r): ApiJson<RefreshRequest>,
+) -> Result<Json<TokenPair>, ApiError> {
+    Ok(Json(s.identity.refresh(&ctx, &r.refresh_token).await?))
+}
+
+async fn logout(State(s): State<AuthState>, p: Principal) -> Result<StatusCode, ApiError> {
+    s.identity.logout(&p).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn logout_all(
+    State(s): State<AuthState>,
+    p: Principal,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let n = s.identity.logout_all(&p).await?;
+    Ok(Json(serde_json::json!({ "sessions_ended": n })))
+}
+
+async fn sessions(
+    State(s): State<AuthState>,
+    p: Principal,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.identity.sessions(&p).await?;
+    let items: Vec<serde_json::Value> = list
+        .into_iter()
+        .map(|x| {
+            let current = x.id == p.session_id;
+            let mut v = serde_json::to_value(x).unwrap_or_default();
+            v["current"] = current.into();
+            v
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "sessions": items })))
+}
+
+async fn end_session(
+    State(s): State<AuthState>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.identity.end_session(&p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn me(State(s): State<AuthState>, p: Principal) -> Result<Json<User>, ApiError> {
+    Ok(Json(s.identity.me(&p).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateMe {
+    display_name: String,
+}
+
+async fn update_me(
+    State(s): State<AuthState>,
+    Extension(ctx): Extension<RequestContext>,
+    p: Principal,
+    ApiJson(r): ApiJson<UpdateMe>,
+) -> Result<Json<User>, ApiError> {
+    Ok(Json(s.identity.update_me(&ctx, &p, &r.display_name).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangePassword {
+    current_password: String,
+    new_password: String,
+}
+
+async fn change_password(
+    State(s): State<AuthState>,
+    Extension(ctx): Extension<RequestContext>,
+    p: Principal,
+    ApiJson(r): ApiJson<ChangePassword>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let n = s
+        .identity
+        .change_password(&ctx, &p, &r.current_password, &r.new_password)
+        .await?;
+    Ok(Json(serde_json::json!({ "other_sessions_ended": n })))
+}
+
+async fn ban(
+    State(s): State<AuthState>,
+    Extension(ctx): Extension<RequestContext>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<User>, ApiError> {
+    Ok(Json(s.identity.ban(&ctx, &p, &id).await?))
+}
+
+async fn jwks(State(s): State<AuthState>) -> Response {
+    let mut res = Json(s.identity.jwks()).into_response();
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    res
+}
