@@ -5,6 +5,7 @@
 //! naming what was wrong. `RequestContext` carries the correlation id the edge
 //! middleware assigned.
 
+pub mod cache;
 pub mod ratelimit;
 
 use axum::extract::Request;

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use flowline_core::{ErrorCode, Problem};
+use flowline_http::cache::{CachePolicy, ResponseCache};
 use flowline_http::ratelimit::{Decision, Quota, RateLimiter};
 use flowline_http::{ApiError, ApiJson, Principal, RequestContext};
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,15 @@ use std::sync::Arc;
 pub struct AuthState {
     pub identity: Arc<Identity>,
     pub limiter: Option<(Arc<dyn RateLimiter>, Quota)>,
+    /// The gateway's response cache (`GET /users/me` is cached per user).
+    pub cache: Arc<ResponseCache>,
 }
+
+/// `GET /users/me`: personal, dropped by any `user.events` event of the user.
+pub const ME_CACHE: CachePolicy = CachePolicy {
+    ttl: std::time::Duration::from_secs(30),
+    per_user: true,
+};
 
 /// `/api/v1` routes: public auth flows, the caller's own account, and admin.
 pub fn api_routes<S: Clone + Send + Sync + 'static>(state: AuthState) -> Router<S> {
@@ -33,8 +42,15 @@ pub fn api_routes<S: Clone + Send + Sync + 'static>(state: AuthState) -> Router<
         .route("/auth/logout-all", post(logout_all))
         .route("/auth/sessions", get(sessions))
         .route("/auth/sessions/{id}", delete(end_session))
-        .route("/users/me", get(me).patch(update_me))
         .route("/users/me/password", post(change_password))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    // Layers run outermost-last: authenticate, then the cache, then the handler.
+    let cached = Router::new()
+        .route("/users/me", get(me).patch(update_me))
+        .route_layer(middleware::from_fn_with_state(
+            (state.cache.clone(), ME_CACHE),
+            flowline_http::cache::cached,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
     let admin = Router::new()
         .route("/admin/users/{id}/ban", post(ban))
@@ -43,7 +59,11 @@ pub fn api_routes<S: Clone + Send + Sync + 'static>(state: AuthState) -> Router<
             require_role_admin,
         ))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
-    public.merge(authed).merge(admin).with_state(state)
+    public
+        .merge(authed)
+        .merge(cached)
+        .merge(admin)
+        .with_state(state)
 }
 
 /// Root routes: `/.well-known/jwks.json`.

@@ -5,10 +5,12 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::probe::Probe;
 use anyhow::Context;
+use flowline_http::cache::ResponseCache;
 use flowline_http::ratelimit::{MemoryRateLimiter, RateLimiter};
 use flowline_identity::Identity;
 use flowline_store::outbox::Relay;
 use flowline_store::{Backend, Db, EventLog};
+use flowline_store::{ConsumerOptions, Handler, HandlerError, ReplayFrom};
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ pub struct AppState {
     pub probe: Option<Probe>,
     pub identity: Arc<Identity>,
     pub limiter: Arc<dyn RateLimiter>,
+    pub cache: Arc<ResponseCache>,
 }
 
 impl AppState {
@@ -84,7 +87,9 @@ impl App {
             Backend::Postgres { .. } => None,
         };
         let log = EventLog::open(&backend, settings.log_options()).await?;
-        let metrics = Metrics::new(log.metrics());
+        let mut metrics = Metrics::new(log.metrics());
+        let cache = Arc::new(ResponseCache::new(100_000));
+        cache.register(&mut metrics.registry);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut databases = Vec::new();
         let mut relays = Vec::new();
@@ -124,6 +129,17 @@ impl App {
             )),
             tokio::spawn(reload_keys(identity.clone(), shutdown_rx.clone())),
         ];
+        // Each node drops its own cached responses: one group per node, from now on.
+        let group = format!("gateway.cache.{}", settings.server.node_id);
+        let mut opts = ConsumerOptions::new(group, &[flowline_identity::service::USER_TOPIC]);
+        opts.start = ReplayFrom::Latest;
+        let invalidator = CacheInvalidator(cache.clone());
+        consumers.push(
+            log.subscribe(opts, invalidator, shutdown_rx.clone())
+                .await?
+                .task,
+        );
+
         let limiter: Arc<dyn RateLimiter> = Arc::new(MemoryRateLimiter::default());
         let state = Arc::new(AppState {
             settings,
@@ -133,6 +149,7 @@ impl App {
             probe,
             identity,
             limiter,
+            cache,
         });
         Ok(App {
             state,
@@ -158,6 +175,16 @@ impl App {
             db.close().await;
         }
         self.state.log.db().close().await;
+    }
+}
+
+/// Drops a user's cached responses when one of its events arrives.
+struct CacheInvalidator(Arc<ResponseCache>);
+
+impl Handler for CacheInvalidator {
+    async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
+        self.0.invalidate_tag(&format!("user:{}", ev.envelope.key));
+        Ok(())
     }
 }
 

@@ -290,6 +290,7 @@ fn auth_state(state: &crate::app::AppState) -> flowline_identity::routes::AuthSt
                 flowline_http::ratelimit::Quota::per_minute(r.user_per_minute, r.user_burst),
             )
         }),
+        cache: state.cache.clone(),
     }
 }
 

@@ -88,6 +88,8 @@ impl Default for RateLimitSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
+    /// Names this instance (per-node consumer groups such as cache invalidation).
+    pub node_id: String,
     pub request_timeout: HumanDuration,
     pub body_limit_bytes: usize,
     /// How long in-flight requests get to finish after SIGTERM.
@@ -163,6 +165,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_id: "local".into(),
             request_timeout: HumanDuration(Duration::from_secs(30)),
             body_limit_bytes: 1024 * 1024,
             shutdown_grace: HumanDuration(Duration::from_secs(30)),

@@ -635,3 +635,71 @@ fn failed_logins_slow_an_account_down_but_never_lock_its_owner_out() {
     );
     assert!(s.terminate().success());
 }
+
+#[test]
+fn me_is_cached_per_user_dropped_by_user_events_and_never_served_after_logout() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]);
+    let a = agent();
+    let reg = s.url("/api/v1/auth/register");
+    let (_, ana) = post(
+        &a,
+        &reg,
+        None,
+        json!({ "email": "ana@example.com", "password": PW, "display_name": "Ana" }),
+    );
+    let (_, bob) = post(
+        &a,
+        &reg,
+        None,
+        json!({ "email": "bob@example.com", "password": PW, "display_name": "Bob" }),
+    );
+    let (ta, tb) = (token(&ana, "access_token"), token(&bob, "access_token"));
+    let me = s.url("/api/v1/users/me");
+    let fetch = |t: &str| {
+        let res = a
+            .get(&me)
+            .set("authorization", &format!("Bearer {t}"))
+            .call()
+            .unwrap();
+        let cache = res.header("x-cache").unwrap_or("").to_owned();
+        (cache, json(&res.into_string().unwrap()))
+    };
+    let (c1, v1) = fetch(&ta);
+    let (c2, v2) = fetch(&ta);
+    assert_eq!((c1.as_str(), c2.as_str()), ("miss", "hit"));
+    assert_eq!(v1, v2);
+    let (c3, v3) = fetch(&tb);
+    assert_eq!(c3, "miss", "keyed per user");
+    assert_eq!(v3["display_name"], "Bob", "never another user's response");
+
+    // A change publishes user.updated; the gateway's consumer drops Ana's entry.
+    let patch = a
+        .request("PATCH", &me)
+        .set("authorization", &format!("Bearer {ta}"))
+        .set("content-type", "application/json");
+    assert_eq!(call(patch, Some(r#"{"display_name": "Ana S."}"#)).0, 200);
+    wait_until(
+        "invalidation event processed",
+        Duration::from_secs(5),
+        || fetch(&ta).1["display_name"] == "Ana S.",
+    );
+    assert_eq!(fetch(&tb).0, "hit", "Bob's entry untouched");
+
+    let (_, _, m) = call(a.get(&s.url("/metrics")), None);
+    assert!(m.contains("flowline_response_cache_hits_total"), "{m}");
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("flowline_response_cache_invalidations_total") && !l.ends_with(" 0")
+        ),
+        "{m}"
+    );
+
+    // Authentication runs before the cache: a logged-out token gets nothing.
+    assert_eq!(
+        post(&a, &s.url("/api/v1/auth/logout"), Some(&ta), json!({})).0,
+        204
+    );
+    assert_eq!(get(&a, &me, &ta).0, 401);
+    assert!(s.terminate().success());
+}

@@ -78,7 +78,9 @@ fn sigkill_under_load_loses_no_acknowledged_write_and_applies_no_effect_twice() 
         let (_, _, m) = call(a.get(&s.url("/metrics")), None);
         let lag: Vec<&str> = m
             .lines()
-            .filter(|l| l.starts_with("flowline_consumer_lag{"))
+            .filter(|l| {
+                l.starts_with("flowline_consumer_lag{") && l.contains("topic=\"probe.events\"")
+            })
             .collect();
         lag.len() == 2 && lag.iter().all(|l| l.ends_with(" 0"))
     });

@@ -9,7 +9,9 @@ use std::time::Duration;
 fn edge_health_problems_correlation_metrics_and_graceful_stop() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let s = Server::start(&data, &[]);
+    // A small body limit, so the oversized body below fits in the socket
+    // buffers and the 413 is read rather than racing a closed connection.
+    let s = Server::start(&data, &[("FLOWLINE__SERVER__BODY_LIMIT_BYTES", "8192")]);
     let a = agent();
 
     let (st, _, body) = call(a.get(&s.url("/healthz")), None);
@@ -59,7 +61,7 @@ fn edge_health_problems_correlation_metrics_and_graceful_stop() {
             a.post(&s.url("/api/v1/probe/writes")),
             Some(format!(
                 "{{\"key\": \"big\", \"value\": \"{}\"}}",
-                "x".repeat(2 * 1024 * 1024)
+                "x".repeat(16 * 1024)
             )),
             413,
             "payload_too_large",
