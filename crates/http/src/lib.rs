@@ -26,6 +26,29 @@ pub struct RequestContext {
     pub request_id: String,
 }
 
+/// The problem+json body, as documented in OpenAPI (mirrors `flowline_core::Problem`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(title = "Problem")]
+pub struct ProblemDoc {
+    /// URI of the problem type.
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    pub title: String,
+    pub status: u16,
+    /// Stable snake_case error code, e.g. `validation_failed`.
+    pub code: String,
+    pub detail: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Field-level errors (`field` names the offending input).
+    pub errors: Vec<FieldErrorDoc>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct FieldErrorDoc {
+    pub field: String,
+    pub message: String,
+}
+
 /// The authenticated caller, put in request extensions by the gateway's
 /// authentication step.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use axum::{Extension, Json, Router};
 use flowline_core::{ErrorCode, Problem};
 use flowline_http::cache::{CachePolicy, ResponseCache};
 use flowline_http::ratelimit::{Decision, Quota, RateLimiter};
-use flowline_http::{ApiError, ApiJson, Principal, RequestContext};
+use flowline_http::{ApiError, ApiJson, Principal, ProblemDoc, RequestContext};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -174,35 +174,42 @@ pub async fn require_role_admin(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterRequest {
+pub struct RegisterRequest {
     email: String,
     password: String,
     display_name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginRequest {
+pub struct LoginRequest {
     email: String,
     password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshRequest {
+pub struct RefreshRequest {
     refresh_token: String,
 }
 
-#[derive(Debug, Serialize)]
-struct AuthResponse {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AuthResponse {
     user: User,
     #[serde(flatten)]
     tokens: TokenPair,
 }
 
-async fn register(
+#[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered and logged in", body = AuthResponse),
+        (status = 400, description = "Malformed JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "Email taken (`email_taken`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Weak password, bad email or name", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited (see Retry-After)", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn register(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -217,7 +224,14 @@ async fn register(
     Ok((StatusCode::CREATED, Json(AuthResponse { user, tokens })))
 }
 
-async fn login(
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in: a new session", body = AuthResponse),
+        (status = 400, description = "Malformed JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "Unknown email or wrong password (one answer for both)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "Account banned", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited, or the account is slowed after failures", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn login(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -229,7 +243,12 @@ async fn login(
     Ok(Json(AuthResponse { user, tokens }))
 }
 
-async fn refresh(
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "Rotated: a new access and refresh token", body = TokenPair),
+        (status = 401, description = "Invalid, or reused (the session is revoked: `refresh_token_reused`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn refresh(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
     ApiJson(r): ApiJson<RefreshRequest>,
@@ -237,12 +256,18 @@ async fn refresh(
     Ok(Json(s.identity.refresh(&ctx, &r.refresh_token).await?))
 }
 
-async fn logout(State(s): State<AuthState>, p: Principal) -> Result<StatusCode, ApiError> {
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 204, description = "Session revoked; its access tokens stop working at once"),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn logout(State(s): State<AuthState>, p: Principal) -> Result<StatusCode, ApiError> {
     s.identity.logout(&p).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn logout_all(
+#[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "Every session revoked", body = serde_json::Value),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn logout_all(
     State(s): State<AuthState>,
     p: Principal,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -250,7 +275,10 @@ async fn logout_all(
     Ok(Json(serde_json::json!({ "sessions_ended": n })))
 }
 
-async fn sessions(
+#[utoipa::path(get, path = "/api/v1/auth/sessions", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "The caller's active sessions (`current` marks this one)", body = serde_json::Value),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn sessions(
     State(s): State<AuthState>,
     p: Principal,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -267,7 +295,12 @@ async fn sessions(
     Ok(Json(serde_json::json!({ "sessions": items })))
 }
 
-async fn end_session(
+#[utoipa::path(delete, path = "/api/v1/auth/sessions/{id}", tag = "auth", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 204, description = "Session ended"),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such session of the caller", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn end_session(
     State(s): State<AuthState>,
     p: Principal,
     Path(id): Path<String>,
@@ -276,17 +309,24 @@ async fn end_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn me(State(s): State<AuthState>, p: Principal) -> Result<Json<User>, ApiError> {
+#[utoipa::path(get, path = "/api/v1/users/me", tag = "users", security(("bearer" = [])),
+    responses((status = 200, description = "The caller (cached per user; `x-cache` says hit or miss)", body = User),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn me(State(s): State<AuthState>, p: Principal) -> Result<Json<User>, ApiError> {
     Ok(Json(s.identity.me(&p).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpdateMe {
+pub struct UpdateMe {
     display_name: String,
 }
 
-async fn update_me(
+#[utoipa::path(patch, path = "/api/v1/users/me", tag = "users", security(("bearer" = [])), request_body = UpdateMe,
+    responses((status = 200, description = "Updated", body = User),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid display name", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn update_me(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
     p: Principal,
@@ -295,14 +335,18 @@ async fn update_me(
     Ok(Json(s.identity.update_me(&ctx, &p, &r.display_name).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChangePassword {
+pub struct ChangePassword {
     current_password: String,
     new_password: String,
 }
 
-async fn change_password(
+#[utoipa::path(post, path = "/api/v1/users/me/password", tag = "users", security(("bearer" = [])), request_body = ChangePassword,
+    responses((status = 200, description = "Changed; every other session revoked", body = serde_json::Value),
+        (status = 401, description = "Not authenticated, or wrong current password", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "New password too weak", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn change_password(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
     p: Principal,
@@ -315,7 +359,13 @@ async fn change_password(
     Ok(Json(serde_json::json!({ "other_sessions_ended": n })))
 }
 
-async fn ban(
+#[utoipa::path(post, path = "/api/v1/admin/users/{id}/ban", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 200, description = "Banned: sessions ended, `user.banned` emitted", body = User),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin (audited as `auth.permission_denied`)", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such user", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn ban(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
     p: Principal,
@@ -324,7 +374,9 @@ async fn ban(
     Ok(Json(s.identity.ban(&ctx, &p, &id).await?))
 }
 
-async fn jwks(State(s): State<AuthState>) -> Response {
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth",
+    responses((status = 200, description = "Public keys (Ed25519 JWKs) that verify access tokens", body = serde_json::Value)))]
+pub async fn jwks(State(s): State<AuthState>) -> Response {
     let mut res = Json(s.identity.jwks()).into_response();
     res.headers_mut().insert(
         header::CACHE_CONTROL,
@@ -332,3 +384,21 @@ async fn jwks(State(s): State<AuthState>) -> Response {
     );
     res
 }
+
+/// The identity context's part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    register,
+    login,
+    refresh,
+    logout,
+    logout_all,
+    sessions,
+    end_session,
+    me,
+    update_me,
+    change_password,
+    ban,
+    jwks
+))]
+pub struct IdentityApi;

@@ -5,7 +5,7 @@ use flowline_http::ratelimit::BoxFuture;
 use flowline_store::{Db, StoreError};
 use serde::Serialize;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Session {
     pub id: String,
     pub user_id: String,

@@ -23,7 +23,12 @@ pub fn router(
     root: Router<Arc<AppState>>,
 ) -> Router {
     let s = &state.settings.server;
-    root.route("/healthz", get(healthz))
+    // The interactive page's assets are vendored into the binary at build time.
+    let docs: Router<Arc<AppState>> = utoipa_swagger_ui::SwaggerUi::new("/api/v1/docs")
+        .url("/api/v1/openapi.json", openapi())
+        .into();
+    root.merge(docs)
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
@@ -34,10 +39,15 @@ pub fn router(
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = serde_json::Value)))]
 async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Every store and the event log answer", body = serde_json::Value),
+        (status = 503, description = "A store is unreachable", body = flowline_http::ProblemDoc, content_type = "application/problem+json")))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.ready().await {
         Ok(()) => Json(serde_json::json!({ "status": "ready" })).into_response(),
@@ -51,6 +61,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus / OpenMetrics text", content_type = "application/openmetrics-text")))]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Err(e) = state.log.refresh_lag().await {
         tracing::warn!(error = %e, "cannot refresh consumer lag");
@@ -68,6 +80,41 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn fallback() -> ApiError {
     Problem::new(ErrorCode::RouteNotFound).into()
+}
+
+/// The OpenAPI 3.1 document of every route, assembled from each context's part.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut doc = ServerApi::openapi();
+    doc.merge(flowline_identity::routes::IdentityApi::openapi());
+    doc.merge(crate::probe::ProbeApi::openapi());
+    doc
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "flowline", description = "An event-driven backend platform. Every error is RFC 9457 problem+json with a stable `code`."),
+    paths(healthz, readyz, metrics),
+    modifiers(&BearerAuth)
+)]
+struct ServerApi;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
 }
 
 /// Accepts a caller's id if it is sane (printable ASCII, ≤ 128 bytes).

@@ -84,13 +84,18 @@ pub async fn migrate(db: &Db) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The probe context's part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(write, read))]
+pub struct ProbeApi;
+
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/probe/writes", post(write))
         .route("/probe/writes/{key}", get(read))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct WriteRequest {
     key: String,
@@ -102,10 +107,11 @@ struct WriteRequest {
     fail_times: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct WriteResponse {
     key: String,
     seq: i64,
+    #[schema(value_type = String, format = "uuid")]
     event_id: Uuid,
     correlation_id: String,
 }
@@ -117,6 +123,11 @@ fn probe_of(state: &AppState) -> Result<&Probe, ApiError> {
         .ok_or_else(|| ApiError::from(Problem::new(ErrorCode::RouteNotFound)))
 }
 
+#[utoipa::path(post, path = "/api/v1/probe/writes", tag = "probe", request_body = WriteRequest,
+    responses((status = 201, description = "Write and its `probe.written` event committed", body = WriteResponse),
+        (status = 400, description = "Malformed JSON", body = flowline_http::ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "Probe context disabled", body = flowline_http::ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid key or value", body = flowline_http::ProblemDoc, content_type = "application/problem+json")))]
 async fn write(
     State(state): State<Arc<AppState>>,
     Extension(ctx): Extension<RequestContext>,
@@ -188,6 +199,10 @@ async fn write(
     ))
 }
 
+#[utoipa::path(get, path = "/api/v1/probe/writes/{key}", tag = "probe",
+    params(("key" = String, Path, description = "Write key")),
+    responses((status = 200, description = "Writes and how many each consumer group applied", body = serde_json::Value),
+        (status = 404, description = "No writes for the key", body = flowline_http::ProblemDoc, content_type = "application/problem+json")))]
 async fn read(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,

@@ -417,3 +417,91 @@ fn serves_on_postgresql_when_configured() {
     );
     assert!(s.terminate().success());
 }
+
+/// Every route is in the OpenAPI 3.1 document with its errors, and the
+/// interactive page is served from assets inside the binary.
+#[test]
+fn openapi_document_covers_every_route_and_the_docs_page_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]);
+    let a = agent();
+    let (st, ct, body) = call(a.get(&s.url("/api/v1/openapi.json")), None);
+    assert_eq!(st, 200);
+    assert!(ct.starts_with("application/json"), "{ct}");
+    let doc = json(&body);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let routes = [
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("get", "/.well-known/jwks.json"),
+        ("post", "/api/v1/auth/register"),
+        ("post", "/api/v1/auth/login"),
+        ("post", "/api/v1/auth/refresh"),
+        ("post", "/api/v1/auth/logout"),
+        ("post", "/api/v1/auth/logout-all"),
+        ("get", "/api/v1/auth/sessions"),
+        ("delete", "/api/v1/auth/sessions/{id}"),
+        ("get", "/api/v1/users/me"),
+        ("patch", "/api/v1/users/me"),
+        ("post", "/api/v1/users/me/password"),
+        ("post", "/api/v1/admin/users/{id}/ban"),
+        ("post", "/api/v1/probe/writes"),
+        ("get", "/api/v1/probe/writes/{key}"),
+    ];
+    let documented: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        documented,
+        routes.len(),
+        "no undocumented or stale operations"
+    );
+    for (method, path) in routes {
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} is not documented");
+        let responses = op["responses"].as_object().unwrap();
+        assert!(
+            responses.keys().any(|c| c.starts_with('2')),
+            "{method} {path}: no success response"
+        );
+        if !["/healthz", "/metrics", "/.well-known/jwks.json"].contains(&path) {
+            let problem = responses
+                .iter()
+                .filter(|(c, _)| c.starts_with('4') || c.starts_with('5'))
+                .any(|(_, r)| r["content"]["application/problem+json"].is_object());
+            assert!(problem, "{method} {path}: no problem+json error documented");
+        }
+        if method == "post" || method == "patch" {
+            let has_body = op["requestBody"]["content"]["application/json"]["schema"].is_object();
+            let bodyless = [
+                "/api/v1/auth/logout",
+                "/api/v1/auth/logout-all",
+                "/api/v1/admin/users/{id}/ban",
+            ];
+            assert!(
+                has_body || bodyless.contains(&path),
+                "{method} {path}: request schema missing"
+            );
+        }
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    assert!(doc["components"]["schemas"]["RegisterRequest"]["properties"]["password"].is_object());
+
+    let (st, ct, html) = call(a.get(&s.url("/api/v1/docs/")), None);
+    assert_eq!(st, 200);
+    assert!(
+        ct.starts_with("text/html") && html.contains("swagger-ui"),
+        "{ct}"
+    );
+    let (st, _, js) = call(a.get(&s.url("/api/v1/docs/swagger-ui-bundle.js")), None);
+    assert_eq!(st, 200);
+    assert!(
+        js.len() > 100_000,
+        "the UI's script is served from the binary"
+    );
+    assert!(s.terminate().success());
+}
