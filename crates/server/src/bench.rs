@@ -14,6 +14,21 @@ use tokio::sync::{watch, Notify};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Login throughput next to raw Argon2id verification, and authenticated
+    /// `GET /users/me` through the whole gateway next to a bare handler.
+    Auth {
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent connections for the GET phases.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Skip the login phase (profiling the GET phases alone).
+        #[arg(long)]
+        skip_login: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Append events in batches and deliver them to one consumer group (SQLite).
     Events {
         /// Events in the throughput phase.
@@ -39,6 +54,33 @@ pub enum BenchCommand {
 
 pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Auth {
+            seconds,
+            connections,
+            skip_login,
+            json,
+        } => {
+            let dir = settings
+                .data_dir
+                .join(format!("bench-{}", flowline_core::id::new_id()));
+            std::fs::create_dir_all(&dir)?;
+            let result = auth_scenario(
+                settings,
+                &dir,
+                Duration::from_secs(seconds),
+                connections.max(1),
+                skip_login,
+            )
+            .await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let r = result?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                r.print();
+            }
+            Ok(())
+        }
         BenchCommand::Events {
             events,
             batch,
@@ -303,5 +345,329 @@ async fn events_scenario(
         latency_rate,
         latency_p50_ms: p50,
         latency_p99_ms: p99,
+    })
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct AuthReport {
+    pub machine: String,
+    pub hash_threads: usize,
+    pub argon2_verify_per_sec: f64,
+    pub logins_per_sec: f64,
+    /// 1 - logins/verifies: what the login path adds on top of hashing.
+    pub login_overhead: f64,
+    pub connections: usize,
+    pub me_per_sec: f64,
+    pub me_p50_ms: f64,
+    pub me_p99_ms: f64,
+    pub bare_per_sec: f64,
+    pub bare_p50_ms: f64,
+    pub bare_p99_ms: f64,
+    /// Gateway rate as a share of the bare handler's.
+    pub me_vs_bare: f64,
+}
+
+impl AuthReport {
+    fn print(&self) {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(
+            o,
+            "scenario   identity + gateway (embedded, one process, loopback)"
+        );
+        let _ = writeln!(o, "machine    {}", self.machine);
+        let _ = writeln!(
+            o,
+            "argon2id   {:.1} verifies/s on {} threads (m=19456 KiB, t=2, p=1)",
+            self.argon2_verify_per_sec, self.hash_threads
+        );
+        let _ = writeln!(
+            o,
+            "login      {:.1} logins/s = {:.1}% below raw verification",
+            self.logins_per_sec,
+            self.login_overhead * 100.0
+        );
+        let _ = writeln!(
+            o,
+            "users/me   {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms ({} connections, full pipeline)",
+            self.me_per_sec, self.me_p50_ms, self.me_p99_ms, self.connections
+        );
+        let _ = writeln!(
+            o,
+            "bare       {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms (same server, no middleware)",
+            self.bare_per_sec, self.bare_p50_ms, self.bare_p99_ms
+        );
+        let _ = writeln!(
+            o,
+            "ratio      gateway keeps {:.0}% of the bare rate",
+            self.me_vs_bare * 100.0
+        );
+    }
+}
+
+/// Raw Argon2id verification on `threads` threads for `d`.
+fn argon2_rate(threads: usize, d: Duration) -> f64 {
+    let phc = {
+        use argon2_phc::hash;
+        hash("bench passphrase 1")
+    };
+    let start = Instant::now();
+    let counts: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                let phc = phc.clone();
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    while start.elapsed() < d {
+                        assert!(flowline_identity::PasswordHasher::verify_blocking(
+                            &phc,
+                            "bench passphrase 1"
+                        ));
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+    });
+    counts.iter().sum::<u64>() as f64 / start.elapsed().as_secs_f64()
+}
+
+mod argon2_phc {
+    /// A PHC string for `pw` with the production parameters.
+    pub fn hash(pw: &str) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let h = flowline_identity::PasswordHasher::new(1);
+        let p = flowline_identity::Password::parse(pw).expect("valid");
+        rt.block_on(h.hash(&p)).expect("hash")
+    }
+}
+
+/// A minimal HTTP/1.1 keep-alive client: enough for a load generator.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: std::net::SocketAddr) -> std::io::Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(8192),
+        })
+    }
+
+    /// Sends `req` (a full request) and reads one response; returns (status, body).
+    async fn send(&mut self, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(req).await?;
+        self.buf.clear();
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                let status: u16 = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while self.buf.len() < end + 4 + len {
+                    let n = self.stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                return Ok((status, self.buf[end + 4..end + 4 + len].to_vec()));
+            }
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn post_json(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// `connections` closed loops sending `req` for `d`: (requests/s, p50 ms, p99 ms).
+async fn closed_loop(
+    addr: std::net::SocketAddr,
+    req: Vec<u8>,
+    connections: usize,
+    d: Duration,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let req = Arc::new(req);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut c = Conn::open(addr).await?;
+            while start.elapsed() < d {
+                let t = Instant::now();
+                let (status, _) = c.send(&req).await?;
+                anyhow::ensure!(status == 200, "status {status}");
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    Ok((
+        all.len() as f64 / secs,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+    ))
+}
+
+async fn auth_scenario(
+    mut settings: Settings,
+    dir: &Path,
+    d: Duration,
+    connections: usize,
+    skip_login: bool,
+) -> anyhow::Result<AuthReport> {
+    settings.data_dir = dir.to_path_buf();
+    settings.database.url = "sqlite://".into();
+    settings.probe.enabled = false;
+    // The load comes from one address: measure the pipeline, not the limiter's refusals.
+    settings.ratelimit.ip_per_minute = u32::MAX / 2;
+    settings.ratelimit.ip_burst = u32::MAX / 2;
+    settings.ratelimit.auth_per_minute = u32::MAX / 2;
+    settings.ratelimit.auth_burst = u32::MAX / 2;
+    settings.ratelimit.user_per_minute = u32::MAX / 2;
+    settings.ratelimit.user_burst = u32::MAX / 2;
+    let threads = settings.auth.hash_concurrency;
+
+    let app = crate::app::App::start(settings).await?;
+    let bare = axum::Router::new().route(
+        "/bench/bare",
+        axum::routing::get(|| async {
+            axum::Json(serde_json::json!({
+                "id": "01a1fff7-b09c-73c7-abb8-6bf3b20cb96d", "email": "bench@example.com",
+                "display_name": "Bench", "role": "user", "status": "active",
+                "created_at": "2026-11-21T21:42:50.144218Z",
+            }))
+        }),
+    );
+    let router = crate::cli::app_router(&app.state).merge(bare);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
+
+    let mut c = Conn::open(addr).await?;
+    let (status, body) = c
+        .send(&post_json(
+            "/api/v1/auth/register",
+            r#"{"email":"bench@example.com","password":"bench passphrase 1","display_name":"Bench"}"#,
+        ))
+        .await?;
+    anyhow::ensure!(
+        status == 201,
+        "register failed: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    let token = serde_json::from_slice::<serde_json::Value>(&body)?["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    // Logins next to raw verification, interleaved in slices so that a change in
+    // the machine's load affects both sides alike.
+    let login = post_json(
+        "/api/v1/auth/login",
+        r#"{"email":"bench@example.com","password":"bench passphrase 1"}"#,
+    );
+    let slices = 4u32;
+    let (mut verify_sum, mut login_sum) = (0.0, 0.0);
+    for _ in 0..if skip_login { 0 } else { slices } {
+        let slice = d / slices;
+        verify_sum += tokio::task::spawn_blocking(move || argon2_rate(threads, slice)).await?;
+        // As many logins in flight as hashing threads, plus one queued each.
+        login_sum += closed_loop(addr, login.clone(), threads * 2, slice)
+            .await?
+            .0;
+    }
+    let (verify_rate, logins) = (
+        verify_sum / f64::from(slices),
+        login_sum / f64::from(slices),
+    );
+
+    let me = format!(
+        "GET /api/v1/users/me HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes();
+    let bare = b"GET /bench/bare HTTP/1.1\r\nhost: bench\r\n\r\n".to_vec();
+    // Warm both paths, then measure them in alternating slices, so that a
+    // change in the machine's load affects both sides alike.
+    closed_loop(addr, me.clone(), connections, Duration::from_millis(500)).await?;
+    closed_loop(addr, bare.clone(), connections, Duration::from_millis(500)).await?;
+    let (mut me_r, mut me_l, mut bare_r, mut bare_l) = (0.0, Vec::new(), 0.0, Vec::new());
+    for _ in 0..slices {
+        let slice = d / slices;
+        let (r, p50, p99) = closed_loop(addr, me.clone(), connections, slice).await?;
+        me_r += r;
+        me_l.push((p50, p99));
+        let (r, p50, p99) = closed_loop(addr, bare.clone(), connections, slice).await?;
+        bare_r += r;
+        bare_l.push((p50, p99));
+    }
+    let n = f64::from(slices);
+    let median = |v: &mut Vec<(f64, f64)>| {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v[v.len() / 2]
+    };
+    let (me_rate, (me50, me99)) = (me_r / n, median(&mut me_l));
+    let (bare_rate, (b50, b99)) = (bare_r / n, median(&mut bare_l));
+
+    server.abort();
+    app.stop().await;
+    Ok(AuthReport {
+        machine: machine_description(),
+        hash_threads: threads,
+        argon2_verify_per_sec: verify_rate,
+        logins_per_sec: logins,
+        login_overhead: 1.0 - logins / verify_rate,
+        connections,
+        me_per_sec: me_rate,
+        me_p50_ms: me50,
+        me_p99_ms: me99,
+        bare_per_sec: bare_rate,
+        bare_p50_ms: b50,
+        bare_p99_ms: b99,
+        me_vs_bare: me_rate / bare_rate,
     })
 }

@@ -236,11 +236,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let router = crate::http::router(
-        app.state.clone(),
-        api_routes(&app.state),
-        root_routes(&app.state),
-    );
+    let router = app_router(&app.state);
     tracing::info!(%addr, backend = app.state.log.db().backend_name(), "flowline listening");
     // The one line on stdout: scripts and tests read the bound address here.
     println!("flowline listening on http://{addr}");
@@ -274,6 +270,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     app.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The whole HTTP surface of a running app.
+pub fn app_router(state: &std::sync::Arc<crate::app::AppState>) -> axum::Router {
+    crate::http::router(state.clone(), api_routes(state), root_routes(state))
 }
 
 fn root_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate::app::AppState>> {
