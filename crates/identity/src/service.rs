@@ -348,15 +348,20 @@ impl Identity {
         name: &str,
     ) -> Result<(User, TokenPair), ApiError> {
         let user = self.create_user(ctx, email, password, name, false).await?;
-        let tokens = self.start_session(&user.id, &user.role, device).await?;
+        let tokens = self
+            .start_session(&user.id, &user.role, device, None)
+            .await?;
         Ok((user, tokens))
     }
 
+    /// Opens a session. With `login`, the `auth.login_succeeded` audit event
+    /// commits in the same transaction as the session.
     async fn start_session(
         &self,
         user_id: &str,
         role: &str,
         device: &Device,
+        login: Option<&RequestContext>,
     ) -> Result<TokenPair, ApiError> {
         let now = now_secs();
         let session = Session {
@@ -370,9 +375,19 @@ impl Identity {
             revoked_at: None,
         };
         let refresh = random_token(32);
+        let event = login.map(|ctx| {
+            let payload = serde_json::json!({
+                "user_id": user_id, "session_id": session.id, "ip": device.ip, "user_agent": session.user_agent,
+            });
+            let draft = EventDraft::new(AUDIT_TOPIC, "auth.login_succeeded", user_id, payload);
+            Envelope::stamp(draft, &ctx.correlation_id, Some(&ctx.request_id))
+        });
         self.sessions
-            .create(&session, &hash_token(&refresh))
+            .create(&session, &hash_token(&refresh), event.as_ref())
             .await?;
+        if event.is_some() {
+            self.relay.notify();
+        }
         Ok(self.tokens_for(user_id, role, &session.id, refresh, now))
     }
 
@@ -468,11 +483,9 @@ impl Identity {
             .await;
             return Err(Problem::new(ErrorCode::AccountBanned).into());
         }
-        let tokens = self.start_session(&user.id, &user.role, device).await?;
-        self.audit(ctx, "auth.login_succeeded", &user.id, serde_json::json!({
-            "user_id": user.id, "session_id": tokens.session_id, "ip": device.ip, "user_agent": device.user_agent,
-        }))
-        .await;
+        let tokens = self
+            .start_session(&user.id, &user.role, device, Some(ctx))
+            .await?;
         Ok((user, tokens))
     }
 

@@ -42,7 +42,14 @@ pub enum Rotation {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 pub trait SessionStore: Send + Sync + 'static {
-    fn create<'a>(&'a self, s: &'a Session, refresh_hash: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Stores a new session and its first refresh token. `event` (the login's
+    /// audit record) commits with them where the store can do that atomically.
+    fn create<'a>(
+        &'a self,
+        s: &'a Session,
+        refresh_hash: &'a str,
+        event: Option<&'a flowline_core::Envelope>,
+    ) -> BoxFuture<'a, Result<()>>;
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Session>>>;
     fn touch<'a>(&'a self, id: &'a str, now: i64) -> BoxFuture<'a, Result<()>>;
     /// Marks the session revoked. True if it was active.
@@ -88,9 +95,17 @@ fn session(r: Row) -> Session {
 const COLUMNS: &str = "id, user_id, user_agent, ip, created_at, last_seen, expires_at, revoked_at";
 
 impl SessionStore for SqlSessionStore {
-    fn create<'a>(&'a self, s: &'a Session, refresh_hash: &'a str) -> BoxFuture<'a, Result<()>> {
+    fn create<'a>(
+        &'a self,
+        s: &'a Session,
+        refresh_hash: &'a str,
+        event: Option<&'a flowline_core::Envelope>,
+    ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let mut tx = self.db.begin().await?;
+            if let Some(e) = event {
+                flowline_store::outbox::enqueue(&mut tx, e).await?;
+            }
             flowline_store::on_tx!(&mut tx, |c| {
                 sqlx::query(
                 "INSERT INTO sessions (id, user_id, user_agent, ip, created_at, last_seen, expires_at)
