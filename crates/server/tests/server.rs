@@ -399,6 +399,60 @@ fn serves_on_postgresql_when_configured() {
                 && v["writes"] == v["applied"]["probe.auditor"]
         })
     });
+    // Identity on PostgreSQL: register, login, me, refresh, logout.
+    let reg = serde_json::json!({ "email": "pg@example.com", "password": "correct horse battery", "display_name": "Pg" });
+    let (st, _, body) = call(
+        a.post(&s.url("/api/v1/auth/register")),
+        Some(&reg.to_string()),
+    );
+    assert_eq!(st, 201, "{body}");
+    let (st, _, body) = call(
+        a.post(&s.url("/api/v1/auth/register")),
+        Some(&reg.to_string()),
+    );
+    assert_eq!(
+        (st, json(&body)["code"].as_str()),
+        (409, Some("email_taken"))
+    );
+    let login =
+        serde_json::json!({ "email": "pg@example.com", "password": "correct horse battery" });
+    let (st, _, body) = call(
+        a.post(&s.url("/api/v1/auth/login")),
+        Some(&login.to_string()),
+    );
+    assert_eq!(st, 200, "{body}");
+    let tokens = json(&body);
+    let bearer = format!("Bearer {}", tokens["access_token"].as_str().unwrap());
+    let (st, _, body) = call(
+        a.get(&s.url("/api/v1/users/me"))
+            .set("authorization", &bearer),
+        None,
+    );
+    assert_eq!(
+        (st, json(&body)["email"].as_str()),
+        (200, Some("pg@example.com"))
+    );
+    let refresh = serde_json::json!({ "refresh_token": tokens["refresh_token"] });
+    let (st, _, _) = call(
+        a.post(&s.url("/api/v1/auth/refresh")),
+        Some(&refresh.to_string()),
+    );
+    assert_eq!(st, 200);
+    let (st, _, body) = call(
+        a.post(&s.url("/api/v1/auth/refresh")),
+        Some(&refresh.to_string()),
+    );
+    assert_eq!(
+        (st, json(&body)["code"].as_str()),
+        (401, Some("refresh_token_reused"))
+    );
+    let (st, _, _) = call(
+        a.get(&s.url("/api/v1/users/me"))
+            .set("authorization", &bearer),
+        None,
+    );
+    assert_eq!(st, 401, "reuse revoked the session");
+
     let (ok, out, err) = cli(&["events", "groups", "--json"], &env);
     assert!(ok, "{err}");
     let groups = json(&out);
@@ -407,6 +461,7 @@ fn serves_on_postgresql_when_configured() {
             .as_array()
             .unwrap()
             .iter()
+            .filter(|g| g["topic"] == "probe.events")
             .map(|g| g["next_offset"].as_i64().unwrap())
             .sum::<i64>(),
         40
