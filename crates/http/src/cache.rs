@@ -21,6 +21,9 @@ pub struct CachePolicy {
     pub ttl: Duration,
     /// Keyed per caller; tagged `user:{id}` so a user's events drop it.
     pub per_user: bool,
+    /// Whether the query string selects a different response. When it does
+    /// not, it stays out of the key (callers cannot mint entries with it).
+    pub vary_query: bool,
 }
 
 struct Entry {
@@ -74,8 +77,12 @@ impl ResponseCache {
             inner.entries.retain(|_, e| e.expires > now);
             if inner.entries.len() >= self.max_entries {
                 inner.entries.clear();
-                inner.tags.clear();
             }
+            let Inner { entries, tags } = &mut *inner;
+            tags.retain(|_, keys| {
+                keys.retain(|k| entries.contains_key(k));
+                !keys.is_empty()
+            });
         }
         if let Some(tag) = tag {
             inner.tags.entry(tag).or_default().insert(key.clone());

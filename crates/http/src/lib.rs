@@ -150,3 +150,85 @@ where
         }
     }
 }
+
+/// The client's address as the edge resolved it (see [`client_ip`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub std::net::IpAddr);
+
+/// The client address: the TCP peer, unless the peer is a trusted proxy, in
+/// which case the right-most `X-Forwarded-For` entry that is not itself a
+/// trusted proxy (entries further left are whatever the client claimed).
+pub fn client_ip(
+    headers: &axum::http::HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    trusted: &[std::net::IpAddr],
+) -> Option<std::net::IpAddr> {
+    let peer = peer?;
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !trusted.contains(ip))
+        .or(Some(peer))
+}
+
+/// The rate-limit bucket of an address: IPv6 clients get a /64 each (one
+/// host usually owns a whole /64, so per-address buckets would be free to dodge).
+pub fn rate_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return v4.to_string();
+            }
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_trusted_only_from_proxies_and_v6_buckets_by_64() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("x-forwarded-for", "6.6.6.6, 203.0.113.9".parse().unwrap());
+        let proxy: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let client: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(
+            client_ip(&h, Some(client), &[proxy]),
+            Some(client),
+            "untrusted peer: header ignored"
+        );
+        assert_eq!(
+            client_ip(&h, Some(proxy), &[proxy]),
+            Some(client),
+            "right-most untrusted hop, not the spoofable left"
+        );
+        assert_eq!(
+            client_ip(&axum::http::HeaderMap::new(), Some(proxy), &[proxy]),
+            Some(proxy)
+        );
+        assert_eq!(
+            rate_key("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            rate_key("2001:db8:1:2:bbbb::9".parse().unwrap()),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(rate_key("::ffff:192.0.2.1".parse().unwrap()), "192.0.2.1");
+        assert_eq!(rate_key("192.0.2.1".parse().unwrap()), "192.0.2.1");
+    }
+}

@@ -2,7 +2,7 @@
 //! permission steps that every context's protected routes sit behind.
 
 use crate::service::{Device, Identity, TokenPair, User};
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -11,9 +11,8 @@ use axum::{Extension, Json, Router};
 use flowline_core::{ErrorCode, Problem};
 use flowline_http::cache::{CachePolicy, ResponseCache};
 use flowline_http::ratelimit::{Decision, Quota, RateLimiter};
-use flowline_http::{ApiError, ApiJson, Principal, ProblemDoc, RequestContext};
+use flowline_http::{ApiError, ApiJson, ClientIp, Principal, ProblemDoc, RequestContext};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The identity context's state plus the per-user rate limit of the gateway.
@@ -29,6 +28,7 @@ pub struct AuthState {
 pub const ME_CACHE: CachePolicy = CachePolicy {
     ttl: std::time::Duration::from_secs(30),
     per_user: true,
+    vary_query: false,
 };
 
 /// `/api/v1` routes: public auth flows, the caller's own account, and admin.
@@ -73,14 +73,16 @@ pub fn well_known<S: Clone + Send + Sync + 'static>(state: AuthState) -> Router<
         .with_state(state)
 }
 
-fn device(headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> Device {
+fn device(headers: &HeaderMap, ip: Option<&ClientIp>) -> Device {
     Device {
         user_agent: headers
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
-            .to_owned(),
-        ip: peer.map(|c| c.0.ip().to_string()).unwrap_or_default(),
+            .chars()
+            .take(256)
+            .collect(),
+        ip: ip.map(|c| c.0.to_string()).unwrap_or_default(),
     }
 }
 
@@ -212,11 +214,11 @@ pub struct AuthResponse {
 pub async fn register(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    ip: Option<Extension<ClientIp>>,
     headers: HeaderMap,
     ApiJson(r): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<AuthResponse>), ApiError> {
-    let d = device(&headers, peer.as_ref().map(|e| &e.0));
+    let d = device(&headers, ip.as_ref().map(|e| &e.0));
     let (user, tokens) = s
         .identity
         .register(&ctx, &d, &r.email, &r.password, &r.display_name)
@@ -234,11 +236,11 @@ pub async fn register(
 pub async fn login(
     State(s): State<AuthState>,
     Extension(ctx): Extension<RequestContext>,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    ip: Option<Extension<ClientIp>>,
     headers: HeaderMap,
     ApiJson(r): ApiJson<LoginRequest>,
 ) -> Result<Json<AuthResponse>, ApiError> {
-    let d = device(&headers, peer.as_ref().map(|e| &e.0));
+    let d = device(&headers, ip.as_ref().map(|e| &e.0));
     let (user, tokens) = s.identity.login(&ctx, &d, &r.email, &r.password).await?;
     Ok(Json(AuthResponse { user, tokens }))
 }

@@ -98,6 +98,8 @@ pub struct Identity {
     /// Ed25519 verification dominates an authenticated request; a token seen
     /// before is only re-checked for expiry (its session is checked every time).
     verified: Mutex<HashMap<String, crate::tokens::AccessClaims>>,
+    /// Bumped by every revocation: a session read that raced one is not cached.
+    revocations: std::sync::atomic::AtomicU64,
 }
 
 const ACTIVE_CACHE_TTL: Duration = Duration::from_secs(5);
@@ -178,6 +180,7 @@ impl Identity {
             active: Mutex::default(),
             failures: Mutex::default(),
             verified: Mutex::default(),
+            revocations: Default::default(),
         })
     }
 
@@ -188,14 +191,20 @@ impl Identity {
     /// Re-reads the signing keys (a `flowline keys rotate` elsewhere adds one).
     pub async fn reload_keys(&self) -> Result<(), StoreError> {
         let keys = load_keys(&self.db).await?;
-        if !keys.is_empty() {
-            let mut ring = self.keys.write().expect("poisoned");
-            *ring = KeyRing::new(
-                &self.config.issuer,
-                &self.config.audience,
-                self.config.access_ttl.as_secs() as i64,
-                keys,
-            );
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut ring = self.keys.write().expect("poisoned");
+        let removed = ring.kids().any(|k| !keys.iter().any(|n| n.kid == k));
+        *ring = KeyRing::new(
+            &self.config.issuer,
+            &self.config.audience,
+            self.config.access_ttl.as_secs() as i64,
+            keys,
+        );
+        if removed {
+            // Tokens of a withdrawn key must not live on in the cache.
+            self.verified.lock().expect("poisoned").clear();
         }
         Ok(())
     }
@@ -414,9 +423,12 @@ impl Identity {
     }
 
     /// How long `email` must still wait after repeated failures.
-    fn throttled(&self, email: &str) -> Option<Duration> {
+    /// How long this client must still wait before trying `email` again.
+    /// Failures count per (account, client address): a guesser slows itself
+    /// down, not the owner signing in from elsewhere.
+    fn throttled(&self, key: &str) -> Option<Duration> {
         let f = self.failures.lock().expect("poisoned");
-        let (count, last) = f.get(email)?;
+        let (count, last) = f.get(key)?;
         if *count < self.config.lockout_threshold {
             return None;
         }
@@ -426,6 +438,22 @@ impl Identity {
         (elapsed < delay).then(|| delay - elapsed)
     }
 
+    fn record_failure(&self, key: String) {
+        let mut f = self.failures.lock().expect("poisoned");
+        if f.len() >= 100_000 && !f.contains_key(&key) {
+            // Forget only what can no longer slow anyone down; never wipe live
+            // counters (that would let a flood reset every account's).
+            let idle = self.config.lockout_max_delay * 4;
+            f.retain(|_, (_, last)| last.elapsed() < idle);
+            if f.len() >= 100_000 {
+                return;
+            }
+        }
+        let e = f.entry(key).or_insert((0, Instant::now()));
+        e.0 += 1;
+        e.1 = Instant::now();
+    }
+
     pub async fn login(
         &self,
         ctx: &RequestContext,
@@ -433,43 +461,45 @@ impl Identity {
         email: &str,
         password: &str,
     ) -> Result<(User, TokenPair), ApiError> {
-        let normalized = email.trim().to_lowercase();
-        if let Some(wait) = self.throttled(&normalized) {
+        let parsed = Email::parse(email).ok();
+        // Only well-formed addresses are counted: bounded keys (≤ 254 bytes).
+        let throttle_key = parsed
+            .as_ref()
+            .map(|e| format!("{}|{}", e.as_str(), device.ip));
+        if let Some(wait) = throttle_key.as_deref().and_then(|k| self.throttled(k)) {
             return Err(ApiError::from(
                 Problem::new(ErrorCode::RateLimited)
-                    .with_detail("too many failed logins for this account; retry later"),
+                    .with_detail("too many failed logins for this account from here; retry later"),
             )
             .with_retry_after(wait));
         }
-        let row = match Email::parse(&normalized) {
-            Ok(e) => self.user_by_email(e.as_str()).await?,
-            Err(_) => None,
+        let row = match &parsed {
+            Some(e) => self.user_by_email(e.as_str()).await?,
+            None => None,
         };
         // Unknown users verify the dummy hash: same work, same answer, same time.
         let ok = self
             .hasher
             .verify(password, row.as_ref().map(|r| r.3.as_str()))
             .await;
-        let masked = Email::parse(&normalized)
-            .map(|e| e.masked())
-            .unwrap_or_else(|_| "invalid".into());
+        let masked = parsed
+            .as_ref()
+            .map(Email::masked)
+            .unwrap_or_else(|| "invalid".into());
+        let user_agent: String = device.user_agent.chars().take(256).collect();
         let Some(row) = row.filter(|_| ok) else {
-            {
-                let mut f = self.failures.lock().expect("poisoned");
-                if f.len() > 100_000 {
-                    f.clear();
-                }
-                let e = f.entry(normalized.clone()).or_insert((0, Instant::now()));
-                e.0 += 1;
-                e.1 = Instant::now();
+            if let Some(k) = throttle_key {
+                self.record_failure(k);
             }
             self.audit(ctx, "auth.login_failed", &masked, serde_json::json!({
-                "email": masked, "ip": device.ip, "user_agent": device.user_agent, "reason": "invalid_credentials",
+                "email": masked, "ip": device.ip, "user_agent": user_agent, "reason": "invalid_credentials",
             }))
             .await;
             return Err(Problem::new(ErrorCode::InvalidCredentials).into());
         };
-        self.failures.lock().expect("poisoned").remove(&normalized);
+        if let Some(k) = &throttle_key {
+            self.failures.lock().expect("poisoned").remove(k);
+        }
         let user = user_of(&row);
         if user.status == "banned" {
             self.audit(
@@ -486,6 +516,13 @@ impl Identity {
         let tokens = self
             .start_session(&user.id, &user.role, device, Some(ctx))
             .await?;
+        // A ban that committed while this login ran: its session sweep may have
+        // missed ours, so look again and end it ourselves.
+        let status = self.user_by_id(&user.id).await?.map(|r| r.5);
+        if status.as_deref() != Some("active") {
+            self.revoke_session(&tokens.session_id, "banned").await?;
+            return Err(Problem::new(ErrorCode::AccountBanned).into());
+        }
         Ok((user, tokens))
     }
 
@@ -539,8 +576,13 @@ impl Identity {
     }
 
     async fn revoke_session(&self, sid: &str, reason: &str) -> Result<bool, StoreError> {
+        use std::sync::atomic::Ordering;
+        let revoked = self.sessions.revoke(sid, reason, now_secs()).await;
+        // After the write: any read that cached the session before it is undone
+        // here, and any read still in flight sees the counter move.
+        self.revocations.fetch_add(1, Ordering::SeqCst);
         self.active.lock().expect("poisoned").remove(sid);
-        self.sessions.revoke(sid, reason, now_secs()).await
+        revoked
     }
 
     async fn revoke_all(
@@ -553,6 +595,8 @@ impl Identity {
             .sessions
             .revoke_all(user_id, keep, reason, now_secs())
             .await?;
+        self.revocations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut active = self.active.lock().expect("poisoned");
         for id in &ids {
             active.remove(id);
@@ -595,15 +639,21 @@ impl Identity {
             .get(&claims.sid)
             .is_some_and(|(exp, at)| *exp > now && at.elapsed() < ACTIVE_CACHE_TTL);
         if !cached {
+            use std::sync::atomic::Ordering;
+            let generation = self.revocations.load(Ordering::SeqCst);
             let session = self.sessions.get(&claims.sid).await?;
             let Some(s) = session.filter(|s| s.is_active(now) && s.user_id == claims.sub) else {
                 return Err(Problem::new(ErrorCode::TokenInvalid).into());
             };
             let mut active = self.active.lock().expect("poisoned");
-            if active.len() > 100_000 {
-                active.clear();
+            // A revocation since our read may be of this very session: answer
+            // from the read, but do not remember it.
+            if self.revocations.load(Ordering::SeqCst) == generation {
+                if active.len() > 100_000 {
+                    active.clear();
+                }
+                active.insert(claims.sid.clone(), (s.expires_at, Instant::now()));
             }
-            active.insert(claims.sid.clone(), (s.expires_at, Instant::now()));
         }
         Ok(Principal {
             user_id: claims.sub,

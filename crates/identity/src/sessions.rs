@@ -187,28 +187,19 @@ impl SessionStore for SqlSessionStore {
         now: i64,
     ) -> BoxFuture<'a, Result<Vec<String>>> {
         Box::pin(async move {
-            let mut tx = self.db.begin().await?;
-            let ids: Vec<String> = flowline_store::on_tx!(&mut tx, |c| {
-                sqlx::query_scalar(
-                "SELECT id FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND id <> $2"
-            )
-            .bind(user_id)
-            .bind(keep.unwrap_or(""))
-            .fetch_all(c)
-            .await
-            })?;
-            flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-                "UPDATE sessions SET revoked_at = $3, revoke_reason = $4
-                 WHERE user_id = $1 AND revoked_at IS NULL AND id <> $2"
-            )
-            .bind(user_id)
-            .bind(keep.unwrap_or(""))
-            .bind(now)
-            .bind(reason)
-            .execute(c)
-            .await
-            .map(|_| ()))?;
-            tx.commit().await?;
+            // One statement: the ids returned are exactly the sessions revoked.
+            let ids: Vec<String> =
+                flowline_store::on_pool!(write & self.db, |p| sqlx::query_scalar(
+                    "UPDATE sessions SET revoked_at = $3, revoke_reason = $4
+                 WHERE user_id = $1 AND revoked_at IS NULL AND id <> $2
+                 RETURNING id"
+                )
+                .bind(user_id)
+                .bind(keep.unwrap_or(""))
+                .bind(now)
+                .bind(reason)
+                .fetch_all(p)
+                .await)?;
             Ok(ids)
         })
     }

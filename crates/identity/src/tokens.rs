@@ -134,6 +134,11 @@ impl KeyRing {
         self.keys.push(key);
     }
 
+    /// Key ids in the ring.
+    pub fn kids(&self) -> impl Iterator<Item = String> + '_ {
+        self.keys.iter().map(|k| k.kid.clone())
+    }
+
     pub fn current(&self) -> &SigningKey {
         self.keys.last().expect("non-empty")
     }

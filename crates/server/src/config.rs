@@ -90,6 +90,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Names this instance (per-node consumer groups such as cache invalidation).
     pub node_id: String,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (exact addresses).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub request_timeout: HumanDuration,
     pub body_limit_bytes: usize,
     /// How long in-flight requests get to finish after SIGTERM.
@@ -166,6 +168,7 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             node_id: "local".into(),
+            trusted_proxies: Vec::new(),
             request_timeout: HumanDuration(Duration::from_secs(30)),
             body_limit_bytes: 1024 * 1024,
             shutdown_grace: HumanDuration(Duration::from_secs(30)),

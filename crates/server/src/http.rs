@@ -153,6 +153,15 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| route_of(req.uri().path()));
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(ip) =
+        flowline_http::client_ip(req.headers(), peer, &state.settings.server.trusted_proxies)
+    {
+        req.extensions_mut().insert(flowline_http::ClientIp(ip));
+    }
     req.extensions_mut().insert(RequestContext {
         correlation_id: correlation_id.clone(),
         request_id: request_id.clone(),
@@ -212,13 +221,17 @@ async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: Next
     }
     let ip = req
         .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
+        .get::<flowline_http::ClientIp>()
+        .map(|c| flowline_http::rate_key(c.0))
         .unwrap_or_default();
     let path = req.uri().path();
+    // Every route that checks a password or a refresh token gets the strict bucket.
     let credential = matches!(
         path,
-        "/api/v1/auth/login" | "/api/v1/auth/register" | "/api/v1/auth/refresh"
+        "/api/v1/auth/login"
+            | "/api/v1/auth/register"
+            | "/api/v1/auth/refresh"
+            | "/api/v1/users/me/password"
     );
     let mut checks = vec![(
         format!("ip:{ip}"),

@@ -599,13 +599,15 @@ fn rate_limits_answer_429_with_retry_after_and_recover() {
 }
 
 #[test]
-fn failed_logins_slow_an_account_down_but_never_lock_its_owner_out() {
+fn failed_logins_slow_the_guesser_but_never_lock_the_owner_out() {
     let dir = tempfile::tempdir().unwrap();
+    // Behind a trusted proxy: X-Forwarded-For names the client.
     let s = Server::start(
         &dir.path().join("data"),
         &[
             ("FLOWLINE__AUTH__LOCKOUT_THRESHOLD", "3"),
             ("FLOWLINE__AUTH__LOCKOUT_MAX_DELAY", "2s"),
+            ("FLOWLINE__SERVER__TRUSTED_PROXIES", r#"["127.0.0.1"]"#),
         ],
     );
     let a = agent();
@@ -616,22 +618,46 @@ fn failed_logins_slow_an_account_down_but_never_lock_its_owner_out() {
         json!({ "email": "bob@example.com", "password": PW, "display_name": "Bob" }),
     );
     assert_eq!(st, 201);
+    let login_from = |ip: &str, pw: &str| {
+        let body = json!({ "email": "bob@example.com", "password": pw }).to_string();
+        let (st, _, b) = call(
+            a.post(&s.url("/api/v1/auth/login"))
+                .set("x-forwarded-for", ip),
+            Some(&body),
+        );
+        (st, json(&b))
+    };
+    let attacker = "198.51.100.7";
     for _ in 0..3 {
-        assert_eq!(login(&a, &s, "bob@example.com", "guess guess guess").0, 401);
+        assert_eq!(login_from(attacker, "guess guess guess").0, 401);
     }
-    let (st, body) = login(&a, &s, "bob@example.com", PW);
+    let (st, body) = login_from(attacker, PW);
     assert_eq!(
         (st, body["code"].as_str()),
         (429, Some("rate_limited")),
-        "even the right password waits"
+        "the guessing client waits, even with the right password"
     );
-    // Other accounts are unaffected.
-    assert_eq!(login(&a, &s, "carol@example.com", PW).0, 401);
+    // The owner, elsewhere, is not held up by someone else's guesses.
+    let (st, body) = login_from("203.0.113.5", PW);
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["user"]["email"], "bob@example.com");
+    // Its session records the forwarded client address.
+    let t = body["access_token"].as_str().unwrap().to_owned();
+    let (_, list) = get(&a, &s.url("/api/v1/auth/sessions"), &t);
+    assert!(
+        list["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["ip"] == "203.0.113.5"),
+        "{list}"
+    );
+    // And the delay is bounded: the guesser's own wait ends too.
     std::thread::sleep(Duration::from_millis(1_100));
     assert_eq!(
-        login(&a, &s, "bob@example.com", PW).0,
+        login_from(attacker, PW).0,
         200,
-        "the owner gets in once the delay passes"
+        "the wait is never permanent"
     );
     assert!(s.terminate().success());
 }
