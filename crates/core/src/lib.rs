@@ -6,9 +6,11 @@
 
 pub mod event;
 pub mod id;
+pub mod money;
 pub mod problem;
 pub mod time;
 
 pub use event::{Envelope, EventDraft, RecordedEvent};
+pub use money::{Currency, Money};
 pub use problem::{ErrorCode, Problem};
 pub use time::Timestamp;

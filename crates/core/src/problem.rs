@@ -26,6 +26,8 @@ pub enum ErrorCode {
     InvalidEmail,
     EmailTaken,
     AccountBanned,
+    PreconditionFailed,
+    PreconditionRequired,
     PayloadTooLarge,
     UnsupportedMediaType,
     RequestTimeout,
@@ -52,6 +54,8 @@ impl ErrorCode {
             ErrorCode::InvalidEmail => "invalid_email",
             ErrorCode::EmailTaken => "email_taken",
             ErrorCode::AccountBanned => "account_banned",
+            ErrorCode::PreconditionFailed => "precondition_failed",
+            ErrorCode::PreconditionRequired => "precondition_required",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -73,6 +77,8 @@ impl ErrorCode {
             | ErrorCode::RefreshTokenReused => 401,
             ErrorCode::PermissionDenied | ErrorCode::AccountBanned => 403,
             ErrorCode::RateLimited => 429,
+            ErrorCode::PreconditionFailed => 412,
+            ErrorCode::PreconditionRequired => 428,
             ErrorCode::WeakPassword | ErrorCode::InvalidEmail => 422,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
@@ -100,6 +106,12 @@ impl ErrorCode {
             ErrorCode::InvalidEmail => "The email address is not valid",
             ErrorCode::EmailTaken => "An account with this email already exists",
             ErrorCode::AccountBanned => "This account is banned",
+            ErrorCode::PreconditionFailed => {
+                "The resource changed since the version you sent (If-Match)"
+            }
+            ErrorCode::PreconditionRequired => {
+                "This write needs an If-Match header with the current version"
+            }
             ErrorCode::PayloadTooLarge => "The request body is too large",
             ErrorCode::UnsupportedMediaType => "Unsupported content type",
             ErrorCode::RequestTimeout => "The request took too long",

@@ -27,6 +27,7 @@ pub struct AppState {
     pub identity: Arc<Identity>,
     pub limiter: Arc<dyn RateLimiter>,
     pub cache: Arc<ResponseCache>,
+    pub catalog: Arc<flowline_catalog::Catalog>,
 }
 
 impl AppState {
@@ -57,6 +58,13 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     probe.close().await;
     let identity = open_identity(settings, &log).await?;
     identity.db.close().await;
+    let catalog_db = Db::open(&backend, "catalog").await?;
+    flowline_catalog::Catalog::open(
+        catalog_db.clone(),
+        Relay::new(catalog_db.clone(), log.clone()),
+    )
+    .await?;
+    catalog_db.close().await;
     log.db().close().await;
     Ok(())
 }
@@ -121,6 +129,14 @@ impl App {
         relays.push(tokio::spawn(identity_relay.run(shutdown_rx.clone())));
         databases.push(("identity", identity_db));
 
+        let catalog_db = Db::open(&backend, "catalog").await?;
+        let catalog_relay = Relay::new(catalog_db.clone(), log.clone());
+        let catalog = Arc::new(
+            flowline_catalog::Catalog::open(catalog_db.clone(), catalog_relay.clone()).await?,
+        );
+        relays.push(tokio::spawn(catalog_relay.run(shutdown_rx.clone())));
+        databases.push(("catalog", catalog_db));
+
         let housekeeping = vec![
             tokio::spawn(retention(
                 log.clone(),
@@ -150,6 +166,7 @@ impl App {
             identity,
             limiter,
             cache,
+            catalog,
         });
         Ok(App {
             state,

@@ -296,9 +296,19 @@ fn auth_state(state: &crate::app::AppState) -> flowline_identity::routes::AuthSt
 }
 
 fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate::app::AppState>> {
+    use axum::middleware::from_fn_with_state;
+    use flowline_identity::routes::{require_auth, require_role_admin};
+    let auth = auth_state(state);
+    let (catalog_public, catalog_admin) = flowline_catalog::routes::routes(state.catalog.clone());
+    // Admin writes: authenticate (outer), then the admin role, then the handler.
+    let catalog_admin = catalog_admin
+        .route_layer(from_fn_with_state(auth.clone(), require_role_admin))
+        .route_layer(from_fn_with_state(auth.clone(), require_auth));
     axum::Router::new()
         .merge(crate::probe::routes())
-        .merge(flowline_identity::routes::api_routes(auth_state(state)))
+        .merge(flowline_identity::routes::api_routes(auth))
+        .merge(catalog_public)
+        .merge(catalog_admin)
 }
 
 async fn shutdown_signal() {

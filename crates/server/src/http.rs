@@ -88,6 +88,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ServerApi::openapi();
     doc.merge(flowline_identity::routes::IdentityApi::openapi());
     doc.merge(crate::probe::ProbeApi::openapi());
+    doc.merge(flowline_catalog::routes::CatalogApi::openapi());
     doc
 }
 

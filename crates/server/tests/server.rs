@@ -453,6 +453,57 @@ fn serves_on_postgresql_when_configured() {
     );
     assert_eq!(st, 401, "reuse revoked the session");
 
+    // Catalog on PostgreSQL: an admin creates and updates a product.
+    let (ok, _, err) = cli(
+        &[
+            "users",
+            "create",
+            "--email",
+            "root@example.com",
+            "--password",
+            "admin passphrase 42",
+            "--admin",
+        ],
+        &env,
+    );
+    assert!(ok, "{err}");
+    let login =
+        serde_json::json!({ "email": "root@example.com", "password": "admin passphrase 42" });
+    let (_, _, body) = call(
+        a.post(&s.url("/api/v1/auth/login")),
+        Some(&login.to_string()),
+    );
+    let admin = format!("Bearer {}", json(&body)["access_token"].as_str().unwrap());
+    let product = serde_json::json!({
+        "sku": "PG-1", "title": "Postgres mug", "price": { "amount": 2500, "currency": "USD" },
+        "category": "mugs", "brand": "elephant", "attributes": { "color": ["blue"] }, "popularity_score": 0.5,
+    });
+    let (st, _, body) = call(
+        a.post(&s.url("/api/v1/products"))
+            .set("authorization", &admin),
+        Some(&product.to_string()),
+    );
+    assert_eq!(st, 201, "{body}");
+    let id = json(&body)["id"].as_str().unwrap().to_owned();
+    let patch = a
+        .request("PATCH", &s.url(&format!("/api/v1/products/{id}")))
+        .set("authorization", &admin)
+        .set("if-match", "\"v1\"");
+    let (st, _, body) = call(
+        patch,
+        Some(r#"{"popularity_score": 0.75, "in_stock": false}"#),
+    );
+    assert_eq!(st, 200, "{body}");
+    let p = json(&body);
+    assert_eq!(
+        (
+            p["version"].as_i64(),
+            p["popularity_score"].as_f64(),
+            p["in_stock"].as_bool()
+        ),
+        (Some(2), Some(0.75), Some(false))
+    );
+
     let (ok, out, err) = cli(&["events", "groups", "--json"], &env);
     assert!(ok, "{err}");
     let groups = json(&out);
@@ -503,6 +554,11 @@ fn openapi_document_covers_every_route_and_the_docs_page_is_served() {
         ("post", "/api/v1/admin/users/{id}/ban"),
         ("post", "/api/v1/probe/writes"),
         ("get", "/api/v1/probe/writes/{key}"),
+        ("get", "/api/v1/products"),
+        ("post", "/api/v1/products"),
+        ("get", "/api/v1/products/{id}"),
+        ("patch", "/api/v1/products/{id}"),
+        ("delete", "/api/v1/products/{id}"),
     ];
     let documented: usize = doc["paths"]
         .as_object()

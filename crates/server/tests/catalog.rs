@@ -1,0 +1,296 @@
+//! The catalog over HTTP: admin writes with optimistic concurrency, public
+//! reads, validation, and the product events the search index will follow.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn admin_token(s: &Server, data: &std::path::Path) -> String {
+    let (ok, _, err) = cli(
+        &[
+            "users",
+            "create",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin passphrase 42",
+            "--admin",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let body =
+        json!({ "email": "admin@example.com", "password": "admin passphrase 42" }).to_string();
+    let (st, _, b) = call(agent().post(&s.url("/api/v1/auth/login")), Some(&body));
+    assert_eq!(st, 200, "{b}");
+    json(&b)["access_token"].as_str().unwrap().to_owned()
+}
+
+fn send(
+    req: ureq::Request,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Option<String>, Value) {
+    let req = match token {
+        Some(t) => req.set("authorization", &format!("Bearer {t}")),
+        None => req,
+    };
+    let res = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let res = match res {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = res.status();
+    let etag = res.header("etag").map(str::to_owned);
+    let text = res.into_string().unwrap_or_default();
+    (
+        status,
+        etag,
+        if text.is_empty() {
+            Value::Null
+        } else {
+            json(&text)
+        },
+    )
+}
+
+fn shirt(sku: &str, category: &str, brand: &str, price: i64) -> Value {
+    json!({
+        "sku": sku, "title": format!("Basic Cotton T-Shirt {sku}"), "description": "100% cotton",
+        "price": { "amount": price, "currency": "BRL" }, "original_price": { "amount": price + 3000, "currency": "BRL" },
+        "category": category, "brand": brand, "attributes": { "color": ["blue", "red"], "size": ["m", "l"] },
+        "in_stock": true, "popularity_score": 0.85,
+    })
+}
+
+#[test]
+fn admins_write_with_if_match_everyone_reads_and_every_change_is_an_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = Server::start(&data, &[]);
+    let a = agent();
+    let admin = admin_token(&s, &data);
+    let products = s.url("/api/v1/products");
+
+    // Only admins write.
+    let (st, _, body) = send(
+        a.post(&products),
+        None,
+        Some(shirt("TS-1", "t-shirts", "basics", 8990)),
+    );
+    assert_eq!((st, body["code"].as_str()), (401, Some("unauthenticated")));
+    let reg = json!({ "email": "u@example.com", "password": "correct horse battery", "display_name": "U" });
+    let (_, _, u) = send(a.post(&s.url("/api/v1/auth/register")), None, Some(reg));
+    let user = u["access_token"].as_str().unwrap().to_owned();
+    let (st, _, body) = send(
+        a.post(&products),
+        Some(&user),
+        Some(shirt("TS-1", "t-shirts", "basics", 8990)),
+    );
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (403, Some("permission_denied"))
+    );
+
+    // Bad input: clear problems naming the field, nothing stored.
+    let mut bad = shirt("TS-BAD", "t-shirts", "basics", -5);
+    bad["title"] = json!("x".repeat(500));
+    let (st, _, body) = send(a.post(&products), Some(&admin), Some(bad));
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (422, Some("validation_failed")),
+        "{body}"
+    );
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert!(
+        fields.contains(&"price.amount") && fields.contains(&"title"),
+        "{fields:?}"
+    );
+    let mut bad = shirt("TS-BAD", "t-shirts", "basics", 100);
+    bad["price"]["currency"] = json!("XYZ");
+    let (st, _, body) = send(a.post(&products), Some(&admin), Some(bad));
+    assert_eq!(st, 422, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("ISO 4217"),
+        "{body}"
+    );
+    let (_, _, list) = send(a.get(&products), None, None);
+    assert_eq!(
+        list["items"].as_array().unwrap().len(),
+        0,
+        "bad input stored nothing"
+    );
+
+    // Create: 201 with ETag and Location; duplicate SKU is a conflict.
+    let (st, etag, p1) = send(
+        a.post(&products),
+        Some(&admin),
+        Some(shirt("TS-1", "t-shirts", "basics", 8990)),
+    );
+    assert_eq!(st, 201, "{p1}");
+    assert_eq!(etag.as_deref(), Some("\"v1\""));
+    let (st, _, body) = send(
+        a.post(&products),
+        Some(&admin),
+        Some(shirt("TS-1", "t-shirts", "basics", 1)),
+    );
+    assert_eq!((st, body["code"].as_str()), (409, Some("conflict")));
+    for (i, (cat, brand)) in [
+        ("t-shirts", "acme"),
+        ("shoes", "acme"),
+        ("shoes", "basics"),
+        ("t-shirts", "basics"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (st, _, _) = send(
+            a.post(&products),
+            Some(&admin),
+            Some(shirt(&format!("SKU-{i}"), cat, brand, 1000 + i as i64)),
+        );
+        assert_eq!(st, 201);
+    }
+
+    // Public reads: by id with ETag, lists with filters and a stable cursor.
+    let id = p1["id"].as_str().unwrap().to_owned();
+    let item = s.url(&format!("/api/v1/products/{id}"));
+    let (st, etag, got) = send(a.get(&item), None, None);
+    assert_eq!((st, etag.as_deref()), (200, Some("\"v1\"")));
+    assert_eq!(got["price"], json!({ "amount": 8990, "currency": "BRL" }));
+    assert_eq!(got["attributes"]["size"], json!(["m", "l"]));
+    let (_, _, shoes) = send(a.get(&s.url("/api/v1/products?category=shoes")), None, None);
+    assert_eq!(shoes["items"].as_array().unwrap().len(), 2);
+    let (_, _, acme_shoes) = send(
+        a.get(&s.url("/api/v1/products?category=shoes&brand=acme")),
+        None,
+        None,
+    );
+    assert_eq!(acme_shoes["items"].as_array().unwrap().len(), 1);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => s.url(&format!("/api/v1/products?limit=2&cursor={c}")),
+            None => s.url("/api/v1/products?limit=2"),
+        };
+        let (_, _, page) = send(a.get(&url), None, None);
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "every product once across pages");
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5);
+    let (st, _, body) = send(a.get(&s.url("/api/v1/products?limit=0")), None, None);
+    assert_eq!(
+        (st, body["errors"][0]["field"].as_str()),
+        (400, Some("limit"))
+    );
+
+    // Update needs If-Match: missing → 428, stale → 412, current → 200 with the next version.
+    let patch = json!({ "price": { "amount": 7990, "currency": "BRL" }, "in_stock": false });
+    let (st, _, body) = send(a.request("PATCH", &item), Some(&admin), Some(patch.clone()));
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (428, Some("precondition_required"))
+    );
+    let (st, etag, body) = send(
+        a.request("PATCH", &item).set("if-match", "\"v1\""),
+        Some(&admin),
+        Some(patch.clone()),
+    );
+    assert_eq!((st, etag.as_deref()), (200, Some("\"v2\"")), "{body}");
+    assert_eq!(body["price"]["amount"], 7990);
+    let (st, _, body) = send(
+        a.request("PATCH", &item).set("if-match", "\"v1\""),
+        Some(&admin),
+        Some(json!({ "title": "Lost update" })),
+    );
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (412, Some("precondition_failed"))
+    );
+    let (_, _, now) = send(a.get(&item), None, None);
+    assert_eq!(
+        now["title"], "Basic Cotton T-Shirt TS-1",
+        "the stale write changed nothing"
+    );
+    let (st, _, _) = send(
+        a.request("PATCH", &item).set("if-match", "\"v2\""),
+        Some(&admin),
+        Some(json!({ "price": { "amount": -1, "currency": "BRL" } })),
+    );
+    assert_eq!(st, 422);
+
+    // Delete with If-Match; then it is gone.
+    let (st, _, _) = send(
+        a.delete(&item).set("if-match", "\"v1\""),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(st, 412);
+    let (st, _, _) = send(
+        a.delete(&item).set("if-match", "\"v2\""),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(st, 204);
+    let (st, _, body) = send(a.get(&item), None, None);
+    assert_eq!((st, body["code"].as_str()), (404, Some("not_found")));
+
+    // The event feed: created ×5, updated with the changed fields, deleted.
+    let d = data.to_str().unwrap();
+    wait_until("catalog events relayed", Duration::from_secs(10), || {
+        cli(&["events", "tail", "catalog.events", "--data-dir", d], &[])
+            .1
+            .contains("product.deleted")
+    });
+    let (_, out, _) = cli(&["events", "tail", "catalog.events", "--data-dir", d], &[]);
+    let events: Vec<Value> = out.lines().map(json).collect();
+    let of = |t: &str| {
+        events
+            .iter()
+            .filter(|e| e["type"] == t)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("product.created").len(), 5);
+    let updated = of("product.updated");
+    assert_eq!(updated.len(), 1);
+    assert_eq!(updated[0]["key"], id.as_str());
+    assert_eq!(
+        updated[0]["payload"]["changes"],
+        json!(["price", "in_stock"])
+    );
+    assert_eq!(updated[0]["payload"]["product"]["price"]["amount"], 7990);
+    assert_eq!(
+        of("product.deleted")[0]["payload"]["product_id"],
+        id.as_str()
+    );
+    assert!(s.terminate().success());
+}
