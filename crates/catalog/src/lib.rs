@@ -7,6 +7,7 @@
 //! (`If-Match`), so two admins cannot silently overwrite each other.
 
 pub mod routes;
+pub mod seed;
 
 use flowline_core::{Currency, Envelope, ErrorCode, EventDraft, Money, Problem, Timestamp};
 use flowline_http::{ApiError, RequestContext};
@@ -16,6 +17,19 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub const TOPIC: &str = "catalog.events";
+
+const ALL_FIELDS: [&str; 10] = [
+    "sku",
+    "title",
+    "description",
+    "price",
+    "original_price",
+    "category",
+    "brand",
+    "attributes",
+    "in_stock",
+    "popularity_score",
+];
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
     scope: "catalog",
@@ -365,22 +379,76 @@ impl Catalog {
             }
             return Err(StoreError::from(e).into());
         }
-        let all = [
-            "sku",
-            "title",
-            "description",
-            "price",
-            "original_price",
-            "category",
-            "brand",
-            "attributes",
-            "in_stock",
-            "popularity_score",
-        ];
-        self.emit(&mut tx, ctx, "product.created", &p, &all).await?;
+        self.emit(&mut tx, ctx, "product.created", &p, &ALL_FIELDS)
+            .await?;
         tx.commit().await?;
         self.relay.notify();
         Ok(p)
+    }
+
+    /// Creates many products in one transaction (seeding, imports): each gets its
+    /// `product.created` event like a single create. Returns how many were new
+    /// (existing SKUs are skipped, so a re-run is harmless).
+    pub async fn create_many(
+        &self,
+        ctx: &RequestContext,
+        batch: Vec<NewProduct>,
+    ) -> Result<usize, ApiError> {
+        for p in &batch {
+            validate(p)?;
+        }
+        let mut tx = self.db.begin().await?;
+        let mut created = 0;
+        for new in batch {
+            let now = Timestamp::now();
+            let p = Product {
+                id: flowline_core::id::new_id().to_string(),
+                sku: new.sku,
+                title: new.title.trim().to_owned(),
+                description: new.description,
+                price: new.price,
+                original_price: new.original_price,
+                category: new.category,
+                brand: new.brand,
+                attributes: new.attributes,
+                in_stock: new.in_stock,
+                popularity_score: new.popularity_score,
+                version: 1,
+                created_at: now.to_rfc3339(),
+                updated_at: now.to_rfc3339(),
+            };
+            let n = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
+                "INSERT INTO products (id, sku, title, description, price_amount, original_price_amount, currency,
+                    category, brand, attributes, in_stock, popularity_score, version, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $13, $13)
+                 ON CONFLICT (sku) DO NOTHING"
+            )
+            .bind(&p.id)
+            .bind(&p.sku)
+            .bind(&p.title)
+            .bind(&p.description)
+            .bind(p.price.amount)
+            .bind(p.original_price.map(|m| m.amount))
+            .bind(p.price.currency.as_str())
+            .bind(&p.category)
+            .bind(&p.brand)
+            .bind(serde_json::to_string(&p.attributes).map_err(StoreError::from)?)
+            .bind(i64::from(p.in_stock))
+            .bind(p.popularity_score)
+            .bind(now.as_micros())
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))
+            .map_err(StoreError::from)?;
+            if n == 1 {
+                self.emit(&mut tx, ctx, "product.created", &p, &ALL_FIELDS)
+                    .await?;
+                created += 1;
+            }
+        }
+        tx.commit().await?;
+        self.relay.notify();
+        Ok(created)
     }
 
     async fn emit(

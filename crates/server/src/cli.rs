@@ -44,6 +44,9 @@ pub enum Command {
     /// Inspect and operate the event log.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Fill a context with generated data (demos, benchmarks).
+    #[command(subcommand)]
+    Seed(SeedCommand),
     /// Manage users.
     #[command(subcommand)]
     Users(UsersCommand),
@@ -69,6 +72,21 @@ pub enum UsersCommand {
         /// Give the user the admin role.
         #[arg(long)]
         admin: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SeedCommand {
+    /// A realistic catalog: categories, brands, attributes, titles, descriptions.
+    Catalog {
+        #[arg(long, default_value_t = 1000)]
+        products: u64,
+        /// Same seed, same catalog.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Products per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: u64,
     },
 }
 
@@ -211,6 +229,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Seed(SeedCommand::Catalog {
+            products,
+            seed,
+            batch,
+        }) => seed_catalog(&settings, products, seed, batch).await,
         Command::Keys(cmd) => {
             let log = open_log(&settings).await?;
             let identity = crate::app::open_identity(&settings, &log).await?;
@@ -318,6 +341,62 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+async fn seed_catalog(
+    settings: &Settings,
+    products: u64,
+    seed: u64,
+    batch: u64,
+) -> anyhow::Result<()> {
+    use flowline_store::outbox::Relay;
+    let log = open_log(settings).await?;
+    let db = flowline_store::Db::open(&settings.backend()?, "catalog").await?;
+    let relay = Relay::new(db.clone(), log.clone());
+    let catalog = flowline_catalog::Catalog::open(db.clone(), relay.clone()).await?;
+    let ctx = flowline_http::RequestContext {
+        correlation_id: flowline_core::id::new_correlation_id(),
+        request_id: "seed".into(),
+    };
+    let started = std::time::Instant::now();
+    let (mut done, mut created) = (0u64, 0usize);
+    let batch = batch.clamp(1, 10_000);
+    let mut err = std::io::stderr().lock();
+    while done < products {
+        let n = batch.min(products - done);
+        let items = (done..done + n)
+            .map(|i| flowline_catalog::seed::product(seed, i))
+            .collect();
+        created += catalog.create_many(&ctx, items).await.map_err(|e| {
+            anyhow::anyhow!(
+                "{}",
+                e.0.detail.clone().unwrap_or_else(|| e.0.title.to_owned())
+            )
+        })?;
+        done += n;
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let width = 30;
+        let filled = (done * width / products.max(1)) as usize;
+        let _ = write!(
+            err,
+            "\rseeding catalog [{}{}] {done}/{products} ({:.0}/s)",
+            "#".repeat(filled),
+            "-".repeat(width as usize - filled),
+            rate
+        );
+        let _ = err.flush();
+    }
+    let _ = writeln!(err);
+    // Hand the events to the log now, so search can index without a server running.
+    let relayed = relay.drain().await?;
+    println!(
+        "seeded {created} new products ({} already there) in {:.1}s; {relayed} events relayed to catalog.events",
+        products as usize - created,
+        started.elapsed().as_secs_f64()
+    );
+    db.close().await;
+    log.db().close().await;
+    Ok(())
 }
 
 /// Reads a password without echo from a terminal, or one line from a pipe.

@@ -294,3 +294,89 @@ fn admins_write_with_if_match_everyone_reads_and_every_change_is_an_event() {
     );
     assert!(s.terminate().success());
 }
+
+#[test]
+fn seed_generates_a_realistic_catalog_once_with_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let (ok, out, err) = cli(
+        &[
+            "seed",
+            "catalog",
+            "--products",
+            "300",
+            "--batch",
+            "70",
+            "--data-dir",
+            d,
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("seeded 300 new products") && out.contains("300 events relayed"),
+        "{out}"
+    );
+    assert!(err.contains("300/300"), "progress shown: {err}");
+    let (ok, out, _) = cli(
+        &["seed", "catalog", "--products", "300", "--data-dir", d],
+        &[],
+    );
+    assert!(
+        ok && out.contains("seeded 0 new products"),
+        "a re-run adds nothing: {out}"
+    );
+
+    let s = Server::start(&data, &[]);
+    let a = agent();
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (_, _, page) = send(
+            a.get(&s.url(&format!("/api/v1/products?limit=100&cursor={cursor}"))),
+            None,
+            None,
+        );
+        all.extend(page["items"].as_array().unwrap().clone());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), 300);
+    let mut categories: Vec<&str> = all
+        .iter()
+        .map(|p| p["category"].as_str().unwrap())
+        .collect();
+    categories.sort();
+    categories.dedup();
+    assert!(categories.len() >= 8, "{categories:?}");
+    for p in &all {
+        assert!(
+            !p["title"].as_str().unwrap().is_empty()
+                && p["description"].as_str().unwrap().len() > 40
+        );
+        assert!(p["attributes"].as_object().unwrap().len() >= 2);
+    }
+    let (_, _, shoes) = send(
+        a.get(&s.url("/api/v1/products?category=shoes&limit=100")),
+        None,
+        None,
+    );
+    assert!(shoes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["category"] == "shoes"));
+    let (_, out, _) = cli(&["events", "topics", "--json", "--data-dir", d], &[]);
+    let topics = json(&out);
+    let catalog = topics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["topic"] == "catalog.events")
+        .unwrap();
+    assert_eq!(catalog["events"], 300, "one product.created per product");
+    assert!(s.terminate().success());
+}
