@@ -251,6 +251,16 @@ pub struct ListQuery {
 pub struct Catalog {
     pub db: Db,
     relay: Relay,
+    /// Product reads, cache-aside; dropped by this node's writes at once and by
+    /// `catalog.events` (every node) through `invalidate`.
+    cache: flowline_cache::Cache<Product>,
+}
+
+/// Why a cached read could not load.
+#[derive(Debug)]
+enum Load {
+    NotFound,
+    Store(StoreError),
 }
 
 fn changed(a: &Product, b: &Product) -> Vec<&'static str> {
@@ -274,13 +284,57 @@ fn changed(a: &Product, b: &Product) -> Vec<&'static str> {
 }
 
 impl Catalog {
-    pub async fn open(db: Db, relay: Relay) -> Result<Catalog, StoreError> {
+    pub async fn open(
+        db: Db,
+        relay: Relay,
+        metrics: &flowline_cache::CacheMetrics,
+    ) -> Result<Catalog, StoreError> {
         db.migrate(outbox::KERNEL_MIGRATIONS).await?;
         db.migrate(MIGRATIONS).await?;
-        Ok(Catalog { db, relay })
+        let cache = flowline_cache::Cache::new(
+            "products",
+            100_000,
+            std::time::Duration::from_secs(300),
+            |p: &Product| vec![format!("product:{}", p.id)],
+            metrics,
+        );
+        Ok(Catalog { db, relay, cache })
     }
 
+    /// A product, from the cache when it is there.
     pub async fn get(&self, id: &str) -> Result<Product, ApiError> {
+        let loaded = self
+            .cache
+            .get_or_load(id, async {
+                match self.find(id).await {
+                    Ok(Some(p)) => Ok(p),
+                    Ok(None) => Err(Load::NotFound),
+                    Err(e) => Err(Load::Store(e)),
+                }
+            })
+            .await;
+        match loaded {
+            Ok(p) => Ok(p),
+            Err(e) => match &*e {
+                Load::NotFound => Err(Problem::new(ErrorCode::NotFound)
+                    .with_detail("no such product")
+                    .into()),
+                Load::Store(e) => {
+                    tracing::error!(error = %e, "product read failed");
+                    Err(Problem::new(ErrorCode::Internal).into())
+                }
+            },
+        }
+    }
+
+    /// Drops a product's cached reads (called for every `catalog.events` event).
+    pub fn invalidate(&self, id: &str) {
+        self.cache.invalidate_tag(&format!("product:{id}"));
+    }
+
+    /// The product as stored now: writes compare versions against this, never
+    /// against a cached copy another node may not have dropped yet.
+    async fn current(&self, id: &str) -> Result<Product, ApiError> {
         self.find(id).await?.ok_or_else(|| {
             Problem::new(ErrorCode::NotFound)
                 .with_detail("no such product")
@@ -476,7 +530,7 @@ impl Catalog {
         expected: Option<i64>,
         patch: ProductPatch,
     ) -> Result<Product, ApiError> {
-        let current = self.get(id).await?;
+        let current = self.current(id).await?;
         if expected.is_some_and(|v| v != current.version) {
             return Err(stale(current.version));
         }
@@ -567,6 +621,7 @@ impl Catalog {
         self.emit(&mut tx, ctx, "product.updated", &p, &changes)
             .await?;
         tx.commit().await?;
+        self.invalidate(&p.id);
         self.relay.notify();
         Ok(p)
     }
@@ -577,7 +632,7 @@ impl Catalog {
         id: &str,
         expected: Option<i64>,
     ) -> Result<(), ApiError> {
-        let current = self.get(id).await?;
+        let current = self.current(id).await?;
         let version = expected.unwrap_or(current.version);
         let mut tx = self.db.begin().await?;
         let n = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
@@ -601,6 +656,7 @@ impl Catalog {
         );
         outbox::enqueue(&mut tx, &ev).await?;
         tx.commit().await?;
+        self.invalidate(id);
         self.relay.notify();
         Ok(())
     }

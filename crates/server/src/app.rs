@@ -59,11 +59,9 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let identity = open_identity(settings, &log).await?;
     identity.db.close().await;
     let catalog_db = Db::open(&backend, "catalog").await?;
-    flowline_catalog::Catalog::open(
-        catalog_db.clone(),
-        Relay::new(catalog_db.clone(), log.clone()),
-    )
-    .await?;
+    let metrics = flowline_cache::CacheMetrics::default();
+    let relay = Relay::new(catalog_db.clone(), log.clone());
+    flowline_catalog::Catalog::open(catalog_db.clone(), relay, &metrics).await?;
     catalog_db.close().await;
     log.db().close().await;
     Ok(())
@@ -98,6 +96,8 @@ impl App {
         let mut metrics = Metrics::new(log.metrics());
         let cache = Arc::new(ResponseCache::new(100_000));
         cache.register(&mut metrics.registry);
+        let cache_metrics = flowline_cache::CacheMetrics::default();
+        cache_metrics.register(&mut metrics.registry);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut databases = Vec::new();
         let mut relays = Vec::new();
@@ -132,7 +132,24 @@ impl App {
         let catalog_db = Db::open(&backend, "catalog").await?;
         let catalog_relay = Relay::new(catalog_db.clone(), log.clone());
         let catalog = Arc::new(
-            flowline_catalog::Catalog::open(catalog_db.clone(), catalog_relay.clone()).await?,
+            flowline_catalog::Catalog::open(
+                catalog_db.clone(),
+                catalog_relay.clone(),
+                &cache_metrics,
+            )
+            .await?,
+        );
+        // Every node drops its cached products when the catalog says they changed.
+        let mut opts = ConsumerOptions::new(
+            format!("cache.catalog.{}", settings.server.node_id),
+            &[flowline_catalog::TOPIC],
+        );
+        opts.start = ReplayFrom::Latest;
+        let dropper = CatalogCacheInvalidator(catalog.clone());
+        consumers.push(
+            log.subscribe(opts, dropper, shutdown_rx.clone())
+                .await?
+                .task,
         );
         relays.push(tokio::spawn(catalog_relay.run(shutdown_rx.clone())));
         databases.push(("catalog", catalog_db));
@@ -201,6 +218,15 @@ struct CacheInvalidator(Arc<ResponseCache>);
 impl Handler for CacheInvalidator {
     async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
         self.0.invalidate_tag(&format!("user:{}", ev.envelope.key));
+        Ok(())
+    }
+}
+
+struct CatalogCacheInvalidator(Arc<flowline_catalog::Catalog>);
+
+impl Handler for CatalogCacheInvalidator {
+    async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
+        self.0.invalidate(&ev.envelope.key);
         Ok(())
     }
 }

@@ -353,7 +353,8 @@ async fn seed_catalog(
     let log = open_log(settings).await?;
     let db = flowline_store::Db::open(&settings.backend()?, "catalog").await?;
     let relay = Relay::new(db.clone(), log.clone());
-    let catalog = flowline_catalog::Catalog::open(db.clone(), relay.clone()).await?;
+    let metrics = flowline_cache::CacheMetrics::default();
+    let catalog = flowline_catalog::Catalog::open(db.clone(), relay.clone(), &metrics).await?;
     let ctx = flowline_http::RequestContext {
         correlation_id: flowline_core::id::new_correlation_id(),
         request_id: "seed".into(),

@@ -240,6 +240,23 @@ fn admins_write_with_if_match_everyone_reads_and_every_change_is_an_event() {
         now["title"], "Basic Cotton T-Shirt TS-1",
         "the stale write changed nothing"
     );
+    assert_eq!(
+        now["price"]["amount"], 7990,
+        "the cached read was dropped by the write: no stale price"
+    );
+    let (_, etag, _) = send(a.get(&item), None, None);
+    assert_eq!(etag.as_deref(), Some("\"v2\""));
+    let (_, _, m) = call(a.get(&s.url("/metrics")), None);
+    let hits: u64 = m
+        .lines()
+        .find(|l| l.starts_with("flowline_cache_hits_total{cache=\"products\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(hits >= 1, "product reads are served from the cache:\n{m}");
+    assert!(
+        m.contains("flowline_consumer_lag{group=\"cache.catalog.local\",topic=\"catalog.events\"}"),
+        "each node follows catalog events"
+    );
     let (st, _, _) = send(
         a.request("PATCH", &item).set("if-match", "\"v2\""),
         Some(&admin),

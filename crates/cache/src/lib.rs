@@ -1,0 +1,274 @@
+//! flowline-cache: one cache abstraction for every context.
+//!
+//! L1 is in-process and bounded (moka: TinyLFU admission, LRU eviction, TTL).
+//! Reads are cache-aside through [`Cache::get_or_load`]: concurrent misses for
+//! one key run the loader once and share its result (no stampede). Entries carry
+//! tags derived from their value, so an event about one product can drop every
+//! cached page that contains it ([`Cache::invalidate_tag`]). An L2 (Redis) and
+//! cross-node invalidation come with the distributed mode; invalidation is
+//! already event-driven, so each node drops its own entries.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    cache: String,
+}
+
+/// Hit, miss, load and eviction counters, labelled by cache name.
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    hits: Family<CacheLabels, Counter>,
+    misses: Family<CacheLabels, Counter>,
+    loads: Family<CacheLabels, Counter>,
+    evictions: Family<CacheLabels, Counter>,
+}
+
+impl CacheMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "flowline_cache_hits",
+            "Cache hits by cache",
+            self.hits.clone(),
+        );
+        registry.register(
+            "flowline_cache_misses",
+            "Cache misses by cache",
+            self.misses.clone(),
+        );
+        registry.register(
+            "flowline_cache_loads",
+            "Loads run on a miss (concurrent misses share one)",
+            self.loads.clone(),
+        );
+        registry.register(
+            "flowline_cache_evictions",
+            "Entries evicted for size, by cache",
+            self.evictions.clone(),
+        );
+    }
+}
+
+#[derive(Clone)]
+struct Entry<V> {
+    value: V,
+    tags: Arc<[String]>,
+}
+
+/// A named, bounded cache of `V` by string key.
+#[derive(Clone)]
+pub struct Cache<V: Clone + Send + Sync + 'static> {
+    inner: moka::future::Cache<String, Entry<V>>,
+    tags_of: fn(&V) -> Vec<String>,
+    labels: CacheLabels,
+    metrics: CacheMetrics,
+}
+
+impl<V: Clone + Send + Sync + 'static> Cache<V> {
+    /// `tags_of` names what an entry depends on (e.g. `product:{id}` for every
+    /// product in a search page).
+    pub fn new(
+        name: &str,
+        capacity: u64,
+        ttl: Duration,
+        tags_of: fn(&V) -> Vec<String>,
+        metrics: &CacheMetrics,
+    ) -> Self {
+        let labels = CacheLabels {
+            cache: name.to_owned(),
+        };
+        let evictions = metrics.evictions.get_or_create(&labels).clone();
+        let inner = moka::future::Cache::builder()
+            .max_capacity(capacity)
+            .time_to_live(ttl)
+            .support_invalidation_closures()
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
+            .build();
+        Cache {
+            inner,
+            tags_of,
+            labels,
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// The cached value, or `load()`'s. Concurrent callers for one missing key
+    /// wait for a single load. A failed load is not cached.
+    pub async fn get_or_load<E, F>(&self, key: &str, load: F) -> Result<V, Arc<E>>
+    where
+        E: Send + Sync + 'static,
+        F: Future<Output = Result<V, E>>,
+    {
+        if let Some(e) = self.inner.get(key).await {
+            self.metrics.hits.get_or_create(&self.labels).inc();
+            return Ok(e.value);
+        }
+        self.metrics.misses.get_or_create(&self.labels).inc();
+        let loads = self.metrics.loads.get_or_create(&self.labels).clone();
+        let tags_of = self.tags_of;
+        self.inner
+            .try_get_with(key.to_owned(), async move {
+                loads.inc();
+                let value = load.await?;
+                let tags: Arc<[String]> = tags_of(&value).into();
+                Ok(Entry { value, tags })
+            })
+            .await
+            .map(|e| e.value)
+    }
+
+    pub async fn invalidate(&self, key: &str) {
+        self.inner.invalidate(key).await;
+    }
+
+    /// Drops every entry tagged `tag`. Takes effect for reads at once.
+    pub fn invalidate_tag(&self, tag: &str) {
+        let tag = tag.to_owned();
+        self.inner
+            .invalidate_entries_if(move |_, e| e.tags.contains(&tag))
+            .expect("invalidation closures are enabled");
+    }
+
+    /// Drops every entry whose key starts with `prefix`.
+    pub fn invalidate_prefix(&self, prefix: &str) {
+        let prefix = prefix.to_owned();
+        self.inner
+            .invalidate_entries_if(move |k, _| k.starts_with(&prefix))
+            .expect("invalidation closures are enabled");
+    }
+
+    /// Runs pending maintenance (eviction, invalidation sweeps); tests call it
+    /// because moka otherwise does this lazily during cache operations.
+    pub async fn run_pending_tasks(&self) {
+        self.inner.run_pending_tasks().await;
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[allow(clippy::ptr_arg)] // the cache calls it with `&V`, and V is `Vec<u32>` here
+    fn tags(v: &Vec<u32>) -> Vec<String> {
+        v.iter().map(|id| format!("item:{id}")).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_load_once() {
+        let m = CacheMetrics::default();
+        let c: Cache<Vec<u32>> = Cache::new("t", 100, Duration::from_secs(60), tags, &m);
+        let loads = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let c = c.clone();
+                let loads = loads.clone();
+                tokio::spawn(async move {
+                    c.get_or_load::<(), _>("page:1", async move {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(vec![1, 2, 3])
+                    })
+                    .await
+                    .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), vec![1, 2, 3]);
+        }
+        assert_eq!(
+            loads.load(Ordering::SeqCst),
+            1,
+            "one load for fifty concurrent misses"
+        );
+        let labels = CacheLabels { cache: "t".into() };
+        assert_eq!(m.loads.get_or_create(&labels).get(), 1);
+        assert_eq!(
+            m.hits.get_or_create(&labels).get() + m.misses.get_or_create(&labels).get(),
+            50
+        );
+    }
+
+    #[tokio::test]
+    async fn tags_prefixes_keys_errors_and_capacity() {
+        let m = CacheMetrics::default();
+        let c: Cache<Vec<u32>> = Cache::new("t", 1000, Duration::from_secs(60), tags, &m);
+        let load = |v: Vec<u32>| async move { Ok::<_, ()>(v) };
+        c.get_or_load("search:a", load(vec![1, 2])).await.unwrap();
+        c.get_or_load("search:b", load(vec![2, 3])).await.unwrap();
+        c.get_or_load("search:c", load(vec![4])).await.unwrap();
+        c.get_or_load("product:4", load(vec![4])).await.unwrap();
+        c.invalidate_tag("item:2");
+        // Both pages containing item 2 are gone for readers at once.
+        assert_eq!(
+            c.get_or_load("search:a", load(vec![9])).await.unwrap(),
+            vec![9]
+        );
+        assert_eq!(
+            c.get_or_load("search:b", load(vec![9])).await.unwrap(),
+            vec![9]
+        );
+        assert_eq!(
+            c.get_or_load("search:c", load(vec![0])).await.unwrap(),
+            vec![4],
+            "untagged page kept"
+        );
+        c.invalidate_prefix("search:");
+        assert_eq!(
+            c.get_or_load("search:c", load(vec![5])).await.unwrap(),
+            vec![5]
+        );
+        assert_eq!(
+            c.get_or_load("product:4", load(vec![0])).await.unwrap(),
+            vec![4]
+        );
+        c.invalidate("product:4").await;
+        assert_eq!(
+            c.get_or_load("product:4", load(vec![6])).await.unwrap(),
+            vec![6]
+        );
+        // A failed load is not cached.
+        assert!(c
+            .get_or_load("bad", async { Err::<Vec<u32>, _>("boom") })
+            .await
+            .is_err());
+        assert_eq!(c.get_or_load("bad", load(vec![7])).await.unwrap(), vec![7]);
+
+        let small: Cache<Vec<u32>> = Cache::new("small", 10, Duration::from_secs(60), tags, &m);
+        for i in 0..200u32 {
+            small
+                .get_or_load(&format!("k{i}"), load(vec![i]))
+                .await
+                .unwrap();
+        }
+        small.run_pending_tasks().await;
+        assert!(
+            small.entry_count() <= 10,
+            "bounded: {}",
+            small.entry_count()
+        );
+        assert!(
+            m.evictions
+                .get_or_create(&CacheLabels {
+                    cache: "small".into()
+                })
+                .get()
+                > 0
+        );
+    }
+}
