@@ -28,6 +28,7 @@ pub struct AppState {
     pub limiter: Arc<dyn RateLimiter>,
     pub cache: Arc<ResponseCache>,
     pub catalog: Arc<flowline_catalog::Catalog>,
+    pub search: flowline_search::routes::SearchState,
 }
 
 impl AppState {
@@ -154,6 +155,16 @@ impl App {
         relays.push(tokio::spawn(catalog_relay.run(shutdown_rx.clone())));
         databases.push(("catalog", catalog_db));
 
+        let search = open_search(&settings, &log, &cache_metrics).await?;
+        let group = format!("search.indexer.{}", settings.server.node_id);
+        let indexer = flowline_search::Indexer(search.index.clone());
+        let opts = ConsumerOptions::new(group, &[flowline_search::TOPIC]);
+        consumers.push(
+            log.subscribe(opts, indexer, shutdown_rx.clone())
+                .await?
+                .task,
+        );
+
         let housekeeping = vec![
             tokio::spawn(retention(
                 log.clone(),
@@ -184,6 +195,7 @@ impl App {
             limiter,
             cache,
             catalog,
+            search,
         });
         Ok(App {
             state,
@@ -229,6 +241,41 @@ impl Handler for CatalogCacheInvalidator {
         self.0.invalidate(&ev.envelope.key);
         Ok(())
     }
+}
+
+/// Opens this node's search index (`<data_dir>/search`). A fresh index (first
+/// start, or deleted to rebuild) gets its consumer group rewound so the log
+/// replays into it.
+async fn open_search(
+    settings: &Settings,
+    log: &EventLog,
+    metrics: &flowline_cache::CacheMetrics,
+) -> anyhow::Result<flowline_search::routes::SearchState> {
+    let cache: flowline_cache::Cache<Arc<flowline_search::SearchResult>> =
+        flowline_cache::Cache::new(
+            "search",
+            10_000,
+            std::time::Duration::from_secs(60),
+            |_| Vec::new(),
+            metrics,
+        );
+    let dropper = cache.clone();
+    let dir = settings.data_dir.join("search");
+    let (index, fresh) = flowline_search::SearchIndex::open(
+        &dir,
+        Box::new(move || dropper.invalidate_prefix("search:")),
+    )
+    .map_err(|e| anyhow::anyhow!("{e} (is another flowline using {}?)", dir.display()))?;
+    let group = format!("search.indexer.{}", settings.server.node_id);
+    if fresh && log.groups().await?.iter().any(|g| g.group == group) {
+        tracing::info!(%group, "search index is new: replaying the catalog log into it");
+        log.replay(&group, Some(flowline_search::TOPIC), ReplayFrom::Earliest)
+            .await?;
+    }
+    Ok(flowline_search::routes::SearchState {
+        index: Arc::new(index),
+        cache,
+    })
 }
 
 /// Picks up signing keys added by `flowline keys rotate` in another process.

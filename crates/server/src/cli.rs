@@ -332,6 +332,7 @@ fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate
         .merge(flowline_identity::routes::api_routes(auth))
         .merge(catalog_public)
         .merge(catalog_admin)
+        .merge(flowline_search::routes::routes(state.search.clone()))
 }
 
 async fn shutdown_signal() {

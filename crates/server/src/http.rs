@@ -89,6 +89,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(flowline_identity::routes::IdentityApi::openapi());
     doc.merge(crate::probe::ProbeApi::openapi());
     doc.merge(flowline_catalog::routes::CatalogApi::openapi());
+    doc.merge(flowline_search::routes::SearchApi::openapi());
     doc
 }
 

@@ -559,6 +559,7 @@ fn openapi_document_covers_every_route_and_the_docs_page_is_served() {
         ("get", "/api/v1/products/{id}"),
         ("patch", "/api/v1/products/{id}"),
         ("delete", "/api/v1/products/{id}"),
+        ("get", "/api/v1/search"),
     ];
     let documented: usize = doc["paths"]
         .as_object()

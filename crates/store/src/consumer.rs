@@ -52,6 +52,13 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         event: &RecordedEvent,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Makes everything handled so far durable. Called before the group's
+    /// positions are committed, so a handler that buffers (a search index
+    /// writer) never has events counted as done that it could still lose.
+    fn flush(&self) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 impl<H: Handler> Handler for std::sync::Arc<H> {
@@ -60,6 +67,10 @@ impl<H: Handler> Handler for std::sync::Arc<H> {
         event: &RecordedEvent,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         (**self).handle(event)
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (**self).flush()
     }
 }
 
@@ -213,6 +224,11 @@ impl<H: Handler> Worker<H> {
                 .inc_by(delivered);
             if !moves.is_empty() {
                 progressed = true;
+                if let Err(e) = self.handler.flush().await {
+                    // Nothing is committed: the next pass redelivers from the last positions.
+                    tracing::warn!(group = %self.opts.group, error = %e.message, "handler flush failed");
+                    return Ok(progressed);
+                }
                 // Rows moved by a replay meanwhile are left alone; the next pass re-reads.
                 self.log
                     .commit_positions(&self.opts.group, &topic, &moves)
