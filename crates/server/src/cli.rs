@@ -47,6 +47,9 @@ pub enum Command {
     /// Fill a context with generated data (demos, benchmarks).
     #[command(subcommand)]
     Seed(SeedCommand),
+    /// Operate the search index.
+    #[command(subcommand)]
+    Search(SearchCommand),
     /// Manage users.
     #[command(subcommand)]
     Users(UsersCommand),
@@ -72,6 +75,16 @@ pub enum UsersCommand {
         /// Give the user the admin role.
         #[arg(long)]
         admin: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SearchCommand {
+    /// Rebuild this node's index from the catalog, in chunks, with progress
+    /// (stop the server first: the index has one writer).
+    Reindex {
+        #[arg(long, default_value_t = 1000)]
+        chunk: i64,
     },
 }
 
@@ -229,6 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Search(SearchCommand::Reindex { chunk }) => reindex(&settings, chunk).await,
         Command::Seed(SeedCommand::Catalog {
             products,
             seed,
@@ -342,6 +356,66 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Rebuilds the search index from the catalog. The indexer group is moved to
+/// the end of the log first: events after that point still apply (by id, so
+/// replaying a change the rebuild already saw is harmless).
+pub async fn reindex(settings: &Settings, chunk: i64) -> anyhow::Result<()> {
+    use flowline_store::outbox::Relay;
+    let log = open_log(settings).await?;
+    let db = flowline_store::Db::open(&settings.backend()?, "catalog").await?;
+    let metrics = flowline_cache::CacheMetrics::default();
+    let catalog =
+        flowline_catalog::Catalog::open(db.clone(), Relay::new(db.clone(), log.clone()), &metrics)
+            .await?;
+    let dir = settings.data_dir.join("search");
+    let (index, _) = flowline_search::SearchIndex::open(&dir, Box::new(|| {})).map_err(|e| {
+        anyhow::anyhow!("{e}: is a flowline server running on this data dir? stop it first")
+    })?;
+    let group = format!("search.indexer.{}", settings.server.node_id);
+    if log.groups().await?.iter().any(|g| g.group == group) {
+        log.replay(&group, Some(flowline_search::TOPIC), ReplayFrom::Latest)
+            .await?;
+    }
+    index.clear().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = std::time::Instant::now();
+    let mut err = std::io::stderr().lock();
+    let mut cursor: Option<String> = None;
+    let mut done = 0usize;
+    loop {
+        let q = flowline_catalog::ListQuery {
+            cursor: cursor.clone(),
+            limit: chunk.clamp(1, 10_000),
+            ..Default::default()
+        };
+        let (items, next) = catalog
+            .list(&q)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.0.title))?;
+        for p in &items {
+            index
+                .upsert(&serde_json::to_value(p)?)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        done += items.len();
+        index.commit().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let _ = write!(err, "\rreindexing: {done} products ({rate:.0}/s)");
+        let _ = err.flush();
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let _ = writeln!(err);
+    println!(
+        "reindexed {done} products in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    db.close().await;
+    log.db().close().await;
+    Ok(())
 }
 
 async fn seed_catalog(

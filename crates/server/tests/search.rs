@@ -331,3 +331,43 @@ fn search_answers_fixed_queries_stays_fresh_and_rebuilds_from_the_log() {
     );
     assert!(c.s.terminate().success());
 }
+
+#[test]
+fn reindex_rebuilds_from_the_catalog_and_refuses_while_a_server_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let (ok, _, err) = cli(
+        &["seed", "catalog", "--products", "250", "--data-dir", d],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(
+        &["search", "reindex", "--chunk", "100", "--data-dir", d],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("reindexed 250 products"), "{out}");
+    assert!(err.contains("250 products"), "progress: {err}");
+
+    let s = Server::start(&data, &[]);
+    let a = agent();
+    let (_, _, b) = call(a.get(&s.url("/api/v1/search?per_page=1")), None);
+    assert_eq!(
+        json(&b)["total"],
+        250,
+        "searchable at once: the index was built offline"
+    );
+    let (ok, _, err) = cli(&["search", "reindex", "--data-dir", d], &[]);
+    assert!(!ok && err.contains("stop it first"), "{err}");
+    // The log replay after start leaves the same answers (documents replaced by id).
+    wait_until("indexer caught up", Duration::from_secs(10), || {
+        let (_, _, m) = call(a.get(&s.url("/metrics")), None);
+        m.contains(
+            "flowline_consumer_lag{group=\"search.indexer.local\",topic=\"catalog.events\"} 0",
+        )
+    });
+    let (_, _, b) = call(a.get(&s.url("/api/v1/search?per_page=1")), None);
+    assert_eq!(json(&b)["total"], 250);
+    assert!(s.terminate().success());
+}
