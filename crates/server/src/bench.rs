@@ -14,6 +14,20 @@ use tokio::sync::{watch, Notify};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Product search on a generated catalog: the tantivy index next to SQLite
+    /// FTS5 (bm25, same data, same filters) in the same run.
+    Search {
+        #[arg(long, default_value_t = 100_000)]
+        products: u64,
+        /// Queries in the mixed set.
+        #[arg(long, default_value_t = 400)]
+        queries: usize,
+        /// Seconds per throughput phase.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Login throughput next to raw Argon2id verification, and authenticated
     /// `GET /users/me` through the whole gateway next to a bare handler.
     Auth {
@@ -54,6 +68,33 @@ pub enum BenchCommand {
 
 pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Search {
+            products,
+            queries,
+            seconds,
+            json,
+        } => {
+            let dir = settings
+                .data_dir
+                .join(format!("bench-{}", flowline_core::id::new_id()));
+            std::fs::create_dir_all(&dir)?;
+            let result = crate::bench_search::run(
+                &settings,
+                &dir,
+                products,
+                queries,
+                Duration::from_secs(seconds),
+            )
+            .await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let r = result?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                r.print();
+            }
+            Ok(())
+        }
         BenchCommand::Auth {
             seconds,
             connections,
