@@ -381,55 +381,13 @@ impl Catalog {
 
     pub async fn create(&self, ctx: &RequestContext, new: NewProduct) -> Result<Product, ApiError> {
         validate(&new)?;
-        let now = Timestamp::now();
-        let p = Product {
-            id: flowline_core::id::new_id().to_string(),
-            sku: new.sku,
-            title: new.title.trim().to_owned(),
-            description: new.description,
-            price: new.price,
-            original_price: new.original_price,
-            category: new.category,
-            brand: new.brand,
-            attributes: new.attributes,
-            in_stock: new.in_stock,
-            popularity_score: new.popularity_score,
-            version: 1,
-            created_at: now.to_rfc3339(),
-            updated_at: now.to_rfc3339(),
-        };
+        let p = Product::from_new(new, flowline_core::id::new_id().to_string(), 1, None);
         let mut tx = self.db.begin().await?;
-        let inserted = flowline_store::on_tx!(&mut tx, |c| {
-            sqlx::query(
-            "INSERT INTO products (id, sku, title, description, price_amount, original_price_amount, currency,
-                category, brand, attributes, in_stock, popularity_score, version, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $13, $13)"
-        )
-        .bind(&p.id)
-        .bind(&p.sku)
-        .bind(&p.title)
-        .bind(&p.description)
-        .bind(p.price.amount)
-        .bind(p.original_price.map(|m| m.amount))
-        .bind(p.price.currency.as_str())
-        .bind(&p.category)
-        .bind(&p.brand)
-        .bind(serde_json::to_string(&p.attributes).map_err(StoreError::from)?)
-        .bind(i64::from(p.in_stock))
-        .bind(p.popularity_score)
-        .bind(now.as_micros())
-        .execute(c)
-        .await
-        .map(|_| ())
-        });
-        if let Err(e) = inserted {
+        if let Err(e) = insert(&mut tx, &p, false).await {
             if e.as_database_error()
                 .is_some_and(|d| d.is_unique_violation())
             {
-                return Err(Problem::new(ErrorCode::Conflict)
-                    .with_detail("a product with this sku exists")
-                    .with_field("sku", "already used")
-                    .into());
+                return Err(sku_taken());
             }
             return Err(StoreError::from(e).into());
         }
@@ -454,47 +412,8 @@ impl Catalog {
         let mut tx = self.db.begin().await?;
         let mut created = 0;
         for new in batch {
-            let now = Timestamp::now();
-            let p = Product {
-                id: flowline_core::id::new_id().to_string(),
-                sku: new.sku,
-                title: new.title.trim().to_owned(),
-                description: new.description,
-                price: new.price,
-                original_price: new.original_price,
-                category: new.category,
-                brand: new.brand,
-                attributes: new.attributes,
-                in_stock: new.in_stock,
-                popularity_score: new.popularity_score,
-                version: 1,
-                created_at: now.to_rfc3339(),
-                updated_at: now.to_rfc3339(),
-            };
-            let n = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-                "INSERT INTO products (id, sku, title, description, price_amount, original_price_amount, currency,
-                    category, brand, attributes, in_stock, popularity_score, version, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $13, $13)
-                 ON CONFLICT (sku) DO NOTHING"
-            )
-            .bind(&p.id)
-            .bind(&p.sku)
-            .bind(&p.title)
-            .bind(&p.description)
-            .bind(p.price.amount)
-            .bind(p.original_price.map(|m| m.amount))
-            .bind(p.price.currency.as_str())
-            .bind(&p.category)
-            .bind(&p.brand)
-            .bind(serde_json::to_string(&p.attributes).map_err(StoreError::from)?)
-            .bind(i64::from(p.in_stock))
-            .bind(p.popularity_score)
-            .bind(now.as_micros())
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))
-            .map_err(StoreError::from)?;
-            if n == 1 {
+            let p = Product::from_new(new, flowline_core::id::new_id().to_string(), 1, None);
+            if insert(&mut tx, &p, true).await.map_err(StoreError::from)? == 1 {
                 self.emit(&mut tx, ctx, "product.created", &p, &ALL_FIELDS)
                     .await?;
                 created += 1;
@@ -552,22 +471,12 @@ impl Catalog {
         };
         validate(&next)?;
         let now = Timestamp::now();
-        let mut p = Product {
-            id: current.id.clone(),
-            sku: next.sku,
-            title: next.title.trim().to_owned(),
-            description: next.description,
-            price: next.price,
-            original_price: next.original_price,
-            category: next.category,
-            brand: next.brand,
-            attributes: next.attributes,
-            in_stock: next.in_stock,
-            popularity_score: next.popularity_score,
-            version: current.version + 1,
-            created_at: current.created_at.clone(),
-            updated_at: now.to_rfc3339(),
-        };
+        let mut p = Product::from_new(
+            next,
+            current.id.clone(),
+            current.version + 1,
+            Some(current.created_at.clone()),
+        );
         let changes = changed(&current, &p);
         if changes.is_empty() {
             return Ok(current);
@@ -605,10 +514,7 @@ impl Catalog {
                 if e.as_database_error()
                     .is_some_and(|d| d.is_unique_violation()) =>
             {
-                return Err(Problem::new(ErrorCode::Conflict)
-                    .with_detail("a product with this sku exists")
-                    .with_field("sku", "already used")
-                    .into());
+                return Err(sku_taken());
             }
             Err(e) => return Err(StoreError::from(e).into()),
         };
@@ -660,6 +566,75 @@ impl Catalog {
         self.relay.notify();
         Ok(())
     }
+}
+
+impl Product {
+    /// A product from validated input, at `version`; a new one unless `created_at` is given.
+    fn from_new(new: NewProduct, id: String, version: i64, created_at: Option<String>) -> Product {
+        let now = Timestamp::now().to_rfc3339();
+        Product {
+            id,
+            sku: new.sku,
+            title: new.title.trim().to_owned(),
+            description: new.description,
+            price: new.price,
+            original_price: new.original_price,
+            category: new.category,
+            brand: new.brand,
+            attributes: new.attributes,
+            in_stock: new.in_stock,
+            popularity_score: new.popularity_score,
+            version,
+            created_at: created_at.unwrap_or_else(|| now.clone()),
+            updated_at: now,
+        }
+    }
+}
+
+/// Inserts a new product row; with `skip_existing`, an existing SKU is left
+/// alone (0 rows) instead of failing.
+async fn insert(
+    tx: &mut flowline_store::Tx,
+    p: &Product,
+    skip_existing: bool,
+) -> Result<u64, sqlx::Error> {
+    const SQL: &str = "INSERT INTO products (id, sku, title, description, price_amount, original_price_amount,
+            currency, category, brand, attributes, in_stock, popularity_score, version, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $13, $13)";
+    let sql = if skip_existing {
+        format!("{SQL} ON CONFLICT (sku) DO NOTHING")
+    } else {
+        SQL.to_owned()
+    };
+    let now = Timestamp::parse_rfc3339(&p.created_at)
+        .map(|t| t.as_micros())
+        .unwrap_or_default();
+    let attributes =
+        serde_json::to_string(&p.attributes).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    flowline_store::on_tx!(tx, |c| sqlx::query(&sql)
+        .bind(&p.id)
+        .bind(&p.sku)
+        .bind(&p.title)
+        .bind(&p.description)
+        .bind(p.price.amount)
+        .bind(p.original_price.map(|m| m.amount))
+        .bind(p.price.currency.as_str())
+        .bind(&p.category)
+        .bind(&p.brand)
+        .bind(&attributes)
+        .bind(i64::from(p.in_stock))
+        .bind(p.popularity_score)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))
+}
+
+fn sku_taken() -> ApiError {
+    Problem::new(ErrorCode::Conflict)
+        .with_detail("a product with this sku exists")
+        .with_field("sku", "already used")
+        .into()
 }
 
 fn stale(current: i64) -> ApiError {

@@ -66,6 +66,34 @@ pub enum BenchCommand {
     },
 }
 
+/// A scenario's result: a report for people, or JSON with `--json`.
+pub trait Report: serde::Serialize {
+    fn print(&self);
+}
+
+/// Runs a scenario in a fresh directory under the data dir (removed after),
+/// then prints its report.
+async fn in_fresh_dir<R, F, Fut>(settings: &Settings, json: bool, scenario: F) -> anyhow::Result<()>
+where
+    R: Report,
+    F: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<R>>,
+{
+    let dir = settings
+        .data_dir
+        .join(format!("bench-{}", flowline_core::id::new_id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = scenario(dir.clone()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print();
+    }
+    Ok(())
+}
+
 pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Search {
@@ -74,26 +102,12 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
             seconds,
             json,
         } => {
-            let dir = settings
-                .data_dir
-                .join(format!("bench-{}", flowline_core::id::new_id()));
-            std::fs::create_dir_all(&dir)?;
-            let result = crate::bench_search::run(
-                &settings,
-                &dir,
-                products,
-                queries,
-                Duration::from_secs(seconds),
-            )
-            .await;
-            let _ = std::fs::remove_dir_all(&dir);
-            let r = result?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                r.print();
-            }
-            Ok(())
+            let s = settings.clone();
+            in_fresh_dir(&settings, json, |dir| async move {
+                crate::bench_search::run(&s, &dir, products, queries, Duration::from_secs(seconds))
+                    .await
+            })
+            .await
         }
         BenchCommand::Auth {
             seconds,
@@ -101,26 +115,18 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
             skip_login,
             json,
         } => {
-            let dir = settings
-                .data_dir
-                .join(format!("bench-{}", flowline_core::id::new_id()));
-            std::fs::create_dir_all(&dir)?;
-            let result = auth_scenario(
-                settings,
-                &dir,
-                Duration::from_secs(seconds),
-                connections.max(1),
-                skip_login,
-            )
-            .await;
-            let _ = std::fs::remove_dir_all(&dir);
-            let r = result?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                r.print();
-            }
-            Ok(())
+            let s = settings.clone();
+            in_fresh_dir(&settings, json, |dir| async move {
+                auth_scenario(
+                    s,
+                    &dir,
+                    Duration::from_secs(seconds),
+                    connections.max(1),
+                    skip_login,
+                )
+                .await
+            })
+            .await
         }
         BenchCommand::Events {
             events,
@@ -130,28 +136,21 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
             latency_seconds,
             json,
         } => {
-            let dir = settings
-                .data_dir
-                .join(format!("bench-{}", flowline_core::id::new_id()));
-            std::fs::create_dir_all(&dir)?;
-            let result = events_scenario(
-                &settings,
-                &dir,
-                events,
-                batch.max(1),
-                payload_bytes,
-                latency_rate,
-                Duration::from_secs(latency_seconds),
-            )
-            .await;
-            let _ = std::fs::remove_dir_all(&dir);
-            let report = result?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                report.print();
-            }
-            Ok(())
+            let s = settings.clone();
+            in_fresh_dir(&settings, json, |dir| async move {
+                let lat = Duration::from_secs(latency_seconds);
+                events_scenario(
+                    &s,
+                    &dir,
+                    events,
+                    batch.max(1),
+                    payload_bytes,
+                    latency_rate,
+                    lat,
+                )
+                .await
+            })
+            .await
         }
     }
 }
@@ -174,7 +173,7 @@ pub struct EventsReport {
     pub latency_p99_ms: Option<f64>,
 }
 
-impl EventsReport {
+impl Report for EventsReport {
     fn print(&self) {
         let mut o = std::io::stdout().lock();
         let _ = writeln!(
@@ -409,7 +408,7 @@ pub struct AuthReport {
     pub me_vs_bare: f64,
 }
 
-impl AuthReport {
+impl Report for AuthReport {
     fn print(&self) {
         let mut o = std::io::stdout().lock();
         let _ = writeln!(

@@ -28,8 +28,8 @@ pub struct SearchReport {
     pub qps_ratio: f64,
 }
 
-impl SearchReport {
-    pub fn print(&self) {
+impl crate::bench::Report for SearchReport {
+    fn print(&self) {
         let mut o = std::io::stdout().lock();
         let _ = writeln!(
             o,
