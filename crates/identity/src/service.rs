@@ -75,6 +75,14 @@ pub struct TokenPair {
     pub session_id: String,
 }
 
+/// The user columns that change one at a time.
+#[derive(Debug, Clone, Copy)]
+enum UserColumn {
+    DisplayName,
+    PasswordHash,
+    Status,
+}
+
 /// Where a login comes from (kept with the session).
 #[derive(Debug, Clone, Default)]
 pub struct Device {
@@ -702,32 +710,14 @@ impl Identity {
         name: &str,
     ) -> Result<User, ApiError> {
         let name = display_name(name)?;
-        let mut tx = self.db.begin().await?;
-        flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-            "UPDATE users SET display_name = $2, updated_at = $3 WHERE id = $1"
-        )
-        .bind(&p.user_id)
-        .bind(&name)
-        .bind(Timestamp::now().as_micros())
-        .execute(c)
-        .await
-        .map(|_| ()))
-        .map_err(StoreError::from)?;
-        self.emit(
-            &mut tx,
-            ctx,
-            EventDraft::new(
-                USER_TOPIC,
-                "user.updated",
-                &p.user_id,
-                serde_json::json!({
-                    "user_id": p.user_id, "changed": ["display_name"], "display_name": name,
-                }),
-            ),
-        )
-        .await?;
-        tx.commit().await?;
-        self.relay.notify();
+        let event = EventDraft::new(
+            USER_TOPIC,
+            "user.updated",
+            &p.user_id,
+            serde_json::json!({ "user_id": p.user_id, "changed": ["display_name"], "display_name": name }),
+        );
+        self.set_user(ctx, &p.user_id, UserColumn::DisplayName, &name, vec![event])
+            .await?;
         self.me(p).await
     }
 
@@ -755,35 +745,62 @@ impl Identity {
             .hash(&new)
             .await
             .map_err(|_| ApiError::from(Problem::new(ErrorCode::Internal)))?;
-        let mut tx = self.db.begin().await?;
-        flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-            "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1"
-        )
-        .bind(&p.user_id)
-        .bind(&hash)
-        .bind(Timestamp::now().as_micros())
-        .execute(c)
-        .await
-        .map(|_| ()))
-        .map_err(StoreError::from)?;
-        self.emit(
-            &mut tx,
+        let event = EventDraft::new(
+            AUDIT_TOPIC,
+            "auth.password_changed",
+            &p.user_id,
+            serde_json::json!({ "user_id": p.user_id, "session_id": p.session_id }),
+        );
+        self.set_user(
             ctx,
-            EventDraft::new(
-                AUDIT_TOPIC,
-                "auth.password_changed",
-                &p.user_id,
-                serde_json::json!({
-                    "user_id": p.user_id, "session_id": p.session_id,
-                }),
-            ),
+            &p.user_id,
+            UserColumn::PasswordHash,
+            &hash,
+            vec![event],
         )
         .await?;
-        tx.commit().await?;
-        self.relay.notify();
         Ok(self
             .revoke_all(&p.user_id, Some(&p.session_id), "password_changed")
             .await?)
+    }
+
+    /// Sets one column of a user and records `events`, in one transaction.
+    /// False if there is no such user (nothing is written then).
+    async fn set_user(
+        &self,
+        ctx: &RequestContext,
+        user_id: &str,
+        column: UserColumn,
+        value: &str,
+        events: Vec<EventDraft>,
+    ) -> Result<bool, StoreError> {
+        let sql = match column {
+            UserColumn::DisplayName => {
+                "UPDATE users SET display_name = $2, updated_at = $3 WHERE id = $1"
+            }
+            UserColumn::PasswordHash => {
+                "UPDATE users SET password_hash = $2, updated_at = $3 WHERE id = $1"
+            }
+            UserColumn::Status => "UPDATE users SET status = $2, updated_at = $3 WHERE id = $1",
+        };
+        let mut tx = self.db.begin().await?;
+        let n = flowline_store::on_tx!(&mut tx, |c| sqlx::query(sql)
+            .bind(user_id)
+            .bind(value)
+            .bind(Timestamp::now().as_micros())
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        if n == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for e in events {
+            self.emit(&mut tx, ctx, e).await?;
+        }
+        tx.commit().await?;
+        self.relay.notify();
+        Ok(true)
     }
 
     /// Bans a user: status, every session ended, `user.banned` emitted.
@@ -793,49 +810,28 @@ impl Identity {
         admin: &Principal,
         user_id: &str,
     ) -> Result<User, ApiError> {
-        let mut tx = self.db.begin().await?;
-        let n = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-            "UPDATE users SET status = 'banned', updated_at = $2 WHERE id = $1"
-        )
-        .bind(user_id)
-        .bind(Timestamp::now().as_micros())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))
-        .map_err(StoreError::from)?;
-        if n == 0 {
-            return Err(Problem::new(ErrorCode::NotFound)
-                .with_detail("no such user")
-                .into());
-        }
-        self.emit(
-            &mut tx,
-            ctx,
+        let events = vec![
             EventDraft::new(
                 USER_TOPIC,
                 "user.banned",
                 user_id,
-                serde_json::json!({
-                    "user_id": user_id, "banned_by": admin.user_id,
-                }),
+                serde_json::json!({ "user_id": user_id, "banned_by": admin.user_id }),
             ),
-        )
-        .await?;
-        self.emit(
-            &mut tx,
-            ctx,
             EventDraft::new(
                 AUDIT_TOPIC,
                 "admin.user_banned",
                 user_id,
-                serde_json::json!({
-                    "user_id": user_id, "admin_id": admin.user_id,
-                }),
+                serde_json::json!({ "user_id": user_id, "admin_id": admin.user_id }),
             ),
-        )
-        .await?;
-        tx.commit().await?;
-        self.relay.notify();
+        ];
+        if !self
+            .set_user(ctx, user_id, UserColumn::Status, "banned", events)
+            .await?
+        {
+            return Err(Problem::new(ErrorCode::NotFound)
+                .with_detail("no such user")
+                .into());
+        }
         let ended = self.revoke_all(user_id, None, "banned").await?;
         tracing::info!(user_id, sessions_ended = ended, "user banned");
         let row = self.user_by_id(user_id).await?;

@@ -7,29 +7,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-fn admin_token(s: &Server, data: &std::path::Path) -> String {
-    let (ok, _, err) = cli(
-        &[
-            "users",
-            "create",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin passphrase 42",
-            "--admin",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(ok, "{err}");
-    let body =
-        json!({ "email": "admin@example.com", "password": "admin passphrase 42" }).to_string();
-    let (st, _, b) = call(agent().post(&s.url("/api/v1/auth/login")), Some(&body));
-    assert_eq!(st, 200, "{b}");
-    json(&b)["access_token"].as_str().unwrap().to_owned()
-}
-
 fn send(
     req: ureq::Request,
     token: Option<&str>,

@@ -16,28 +16,8 @@ struct Ctx {
 
 fn start(data: &std::path::Path) -> Ctx {
     let s = Server::start(data, &[]);
-    let d = data.to_str().unwrap();
-    let (ok, _, err) = cli(
-        &[
-            "users",
-            "create",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin passphrase 42",
-            "--admin",
-            "--data-dir",
-            d,
-        ],
-        &[],
-    );
-    assert!(ok || err.contains("exists"), "{err}");
+    let admin = admin_token(&s, data);
     let a = agent();
-    let body =
-        json!({ "email": "admin@example.com", "password": "admin passphrase 42" }).to_string();
-    let (st, _, b) = call(a.post(&s.url("/api/v1/auth/login")), Some(&body));
-    assert_eq!(st, 200, "{b}");
-    let admin = json(&b)["access_token"].as_str().unwrap().to_owned();
     Ctx { s, a, admin }
 }
 

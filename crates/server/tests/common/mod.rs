@@ -159,3 +159,31 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// An admin's access token: creates `admin@example.com` through the CLI (if it
+/// is not there yet) and logs in.
+pub fn admin_token(s: &Server, data: &Path) -> String {
+    let (ok, _, err) = cli(
+        &[
+            "users",
+            "create",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin passphrase 42",
+            "--admin",
+            "--data-dir",
+        ]
+        .into_iter()
+        .chain([data.to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(ok || err.contains("already exists"), "{err}");
+    let body =
+        serde_json::json!({ "email": "admin@example.com", "password": "admin passphrase 42" })
+            .to_string();
+    let (st, _, b) = call(agent().post(&s.url("/api/v1/auth/login")), Some(&body));
+    assert_eq!(st, 200, "{b}");
+    json(&b)["access_token"].as_str().unwrap().to_owned()
+}
