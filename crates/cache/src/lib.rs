@@ -55,6 +55,13 @@ impl CacheMetrics {
     }
 }
 
+/// Why a load left nothing in the cache.
+enum Miss<E, V> {
+    Failed(E),
+    /// An invalidation ran while loading: the value may predate it.
+    Overtaken(V),
+}
+
 #[derive(Clone)]
 struct Entry<V> {
     value: V,
@@ -65,6 +72,9 @@ struct Entry<V> {
 #[derive(Clone)]
 pub struct Cache<V: Clone + Send + Sync + 'static> {
     inner: moka::future::Cache<String, Entry<V>>,
+    /// Bumped by every invalidation. A load that straddles one may have read
+    /// the old data: it answers its caller but is not kept.
+    generation: Arc<std::sync::atomic::AtomicU64>,
     tags_of: fn(&V) -> Vec<String>,
     labels: CacheLabels,
     metrics: CacheMetrics,
@@ -96,6 +106,7 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
             .build();
         Cache {
             inner,
+            generation: Arc::default(),
             tags_of,
             labels,
             metrics: metrics.clone(),
@@ -103,12 +114,14 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     }
 
     /// The cached value, or `load()`'s. Concurrent callers for one missing key
-    /// wait for a single load. A failed load is not cached.
+    /// wait for a single load. A failed load is not cached, nor is one that an
+    /// invalidation overtook.
     pub async fn get_or_load<E, F>(&self, key: &str, load: F) -> Result<V, Arc<E>>
     where
-        E: Send + Sync + 'static,
+        E: Clone + Send + Sync + 'static,
         F: Future<Output = Result<V, E>>,
     {
+        use std::sync::atomic::Ordering;
         if let Some(e) = self.inner.get(key).await {
             self.metrics.hits.get_or_create(&self.labels).inc();
             return Ok(e.value);
@@ -116,23 +129,39 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
         self.metrics.misses.get_or_create(&self.labels).inc();
         let loads = self.metrics.loads.get_or_create(&self.labels).clone();
         let tags_of = self.tags_of;
-        self.inner
+        let generation = self.generation.clone();
+        let before = generation.load(Ordering::SeqCst);
+        let loaded = self
+            .inner
             .try_get_with(key.to_owned(), async move {
                 loads.inc();
-                let value = load.await?;
+                let value = load.await.map_err(Miss::Failed)?;
+                if generation.load(Ordering::SeqCst) != before {
+                    return Err(Miss::Overtaken(value));
+                }
                 let tags: Arc<[String]> = tags_of(&value).into();
                 Ok(Entry { value, tags })
             })
-            .await
-            .map(|e| e.value)
+            .await;
+        match loaded {
+            Ok(e) => Ok(e.value),
+            Err(miss) => match &*miss {
+                Miss::Overtaken(v) => Ok(v.clone()),
+                Miss::Failed(e) => Err(Arc::new(e.clone())),
+            },
+        }
     }
 
     pub async fn invalidate(&self, key: &str) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.invalidate(key).await;
     }
 
     /// Drops every entry tagged `tag`. Takes effect for reads at once.
     pub fn invalidate_tag(&self, tag: &str) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let tag = tag.to_owned();
         self.inner
             .invalidate_entries_if(move |_, e| e.tags.contains(&tag))
@@ -141,6 +170,8 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
 
     /// Drops every entry whose key starts with `prefix`.
     pub fn invalidate_prefix(&self, prefix: &str) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let prefix = prefix.to_owned();
         self.inner
             .invalidate_entries_if(move |k, _| k.starts_with(&prefix))
@@ -202,6 +233,42 @@ mod tests {
             m.hits.get_or_create(&labels).get() + m.misses.get_or_create(&labels).get(),
             50
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_overtaken_by_an_invalidation_is_not_kept() {
+        let m = CacheMetrics::default();
+        let c: Cache<Vec<u32>> = Cache::new("race", 100, Duration::from_secs(60), tags, &m);
+        let (read_done, invalidated) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let loader = {
+            let (c, read_done, invalidated) = (c.clone(), read_done.clone(), invalidated.clone());
+            tokio::spawn(async move {
+                c.get_or_load::<(), _>("p:1", async move {
+                    let old = vec![1]; // read before the write commits
+                    read_done.notify_one();
+                    invalidated.notified().await;
+                    Ok(old)
+                })
+                .await
+                .unwrap()
+            })
+        };
+        read_done.notified().await;
+        c.invalidate_tag("item:1"); // the write's invalidation, mid-load
+        invalidated.notify_one();
+        assert_eq!(
+            loader.await.unwrap(),
+            vec![1],
+            "the caller still gets its answer"
+        );
+        let fresh = c
+            .get_or_load::<(), _>("p:1", async { Ok(vec![2]) })
+            .await
+            .unwrap();
+        assert_eq!(fresh, vec![2], "the overtaken value was not kept");
     }
 
     #[tokio::test]

@@ -257,10 +257,10 @@ pub struct Catalog {
 }
 
 /// Why a cached read could not load.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Load {
     NotFound,
-    Store(StoreError),
+    Store(String),
 }
 
 fn changed(a: &Product, b: &Product) -> Vec<&'static str> {
@@ -309,7 +309,7 @@ impl Catalog {
                 match self.find(id).await {
                     Ok(Some(p)) => Ok(p),
                     Ok(None) => Err(Load::NotFound),
-                    Err(e) => Err(Load::Store(e)),
+                    Err(e) => Err(Load::Store(e.to_string())),
                 }
             })
             .await;

@@ -5,6 +5,10 @@
 //! naming what was wrong. `RequestContext` carries the correlation id the edge
 //! middleware assigned.
 
+/// A boxed, sendable future: what object-safe async traits (session stores,
+/// rate limiters) return, so a Redis backend can stand behind the same trait.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 pub mod cache;
 pub mod ratelimit;
 

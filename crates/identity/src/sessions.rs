@@ -1,7 +1,7 @@
 //! Sessions and refresh tokens behind a trait: the embedded default keeps them
 //! in the identity database; a Redis store (distributed mode) plugs in here.
 
-use flowline_http::ratelimit::BoxFuture;
+use flowline_http::BoxFuture;
 use flowline_store::{Db, StoreError};
 use serde::Serialize;
 

@@ -61,7 +61,7 @@ fn schema() -> (Schema, Fields) {
     (b.build(), f)
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum SearchError {
     Index(String),
 }

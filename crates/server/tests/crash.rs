@@ -42,14 +42,15 @@ fn sigkill_under_load_loses_no_acknowledged_write_and_applies_no_effect_twice() 
                         match a.post(&url).send_json(
                             serde_json::json!({ "key": key, "value": format!("r{round}") }),
                         ) {
-                            Ok(res) => {
-                                let v: serde_json::Value = res.into_json().unwrap();
-                                acked.lock().unwrap().push((
+                            Ok(res) => match res.into_json::<serde_json::Value>() {
+                                // Only a complete response is an acknowledgement.
+                                Ok(v) => acked.lock().unwrap().push((
                                     key,
                                     v["seq"].as_i64().unwrap(),
                                     v["event_id"].as_str().unwrap().to_owned(),
-                                ));
-                            }
+                                )),
+                                Err(_) => break,
+                            },
                             // The server died under us: this write was never acknowledged.
                             Err(_) => break,
                         }
@@ -84,7 +85,13 @@ fn sigkill_under_load_loses_no_acknowledged_write_and_applies_no_effect_twice() 
             .collect();
         lag.len() == 2 && lag.iter().all(|l| l.ends_with(" 0"))
     });
-    assert!(s.terminate().success());
+    let log_path = s.data_dir.with_extension("log");
+    let status = s.terminate();
+    assert!(
+        status.success(),
+        "SIGTERM should exit 0, got {status:?}; server log:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -109,9 +109,14 @@ impl Server {
     }
 }
 
+/// A client with a fresh connection per request. The server answers some
+/// requests (401, 403, 413) before reading their bodies and then closes the
+/// connection, as HTTP allows; a pooled client would send its next POST down
+/// that closed connection and fail where a real client would retry.
 pub fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
+        .max_idle_connections(0)
         .build()
 }
 
