@@ -691,6 +691,19 @@ fn me_is_cached_per_user_dropped_by_user_events_and_never_served_after_logout() 
         let cache = res.header("x-cache").unwrap_or("").to_owned();
         (cache, json(&res.into_string().unwrap()))
     };
+    // Both registrations' user.events must reach the gateway's invalidation
+    // consumer first, or they would drop entries this test expects to hit.
+    wait_until(
+        "registration events consumed",
+        Duration::from_secs(10),
+        || {
+            let m = call(a.get(&s.url("/metrics")), None).2;
+            m.contains("flowline_events_appended_total{topic=\"user.events\"} 2")
+                && m.contains(
+                    "flowline_consumer_lag{group=\"gateway.cache.local\",topic=\"user.events\"} 0",
+                )
+        },
+    );
     let (c1, v1) = fetch(&ta);
     let (c2, v2) = fetch(&ta);
     assert_eq!((c1.as_str(), c2.as_str()), ("miss", "hit"));
