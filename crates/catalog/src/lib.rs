@@ -532,6 +532,24 @@ impl Catalog {
         Ok(p)
     }
 
+    /// Follows inventory: sets `in_stock` when it differs (a `product.updated`
+    /// naming `in_stock` results). A product the catalog does not have is ignored.
+    pub async fn set_in_stock(
+        &self,
+        ctx: &RequestContext,
+        id: &str,
+        in_stock: bool,
+    ) -> Result<(), ApiError> {
+        let patch = ProductPatch {
+            in_stock: Some(in_stock),
+            ..Default::default()
+        };
+        match self.update(ctx, id, None, patch).await {
+            Err(e) if e.0.code == ErrorCode::NotFound.as_str() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     pub async fn delete(
         &self,
         ctx: &RequestContext,

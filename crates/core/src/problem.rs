@@ -33,6 +33,17 @@ pub enum ErrorCode {
     RequestTimeout,
     ServiceUnavailable,
     Internal,
+    UnbalancedEntry,
+    InsufficientStock,
+    CurrencyMismatch,
+    InvalidCard,
+    InvalidVpa,
+    IdempotencyKeyRequired,
+    IdempotencyKeyReused,
+    IdempotencyKeyInProgress,
+    InvalidState,
+    RefundExceedsCapture,
+    PaymentProviderUnavailable,
 }
 
 impl ErrorCode {
@@ -61,6 +72,17 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::ServiceUnavailable => "service_unavailable",
             ErrorCode::Internal => "internal_error",
+            ErrorCode::UnbalancedEntry => "unbalanced_entry",
+            ErrorCode::InsufficientStock => "insufficient_stock",
+            ErrorCode::CurrencyMismatch => "currency_mismatch",
+            ErrorCode::InvalidCard => "invalid_card",
+            ErrorCode::InvalidVpa => "invalid_vpa",
+            ErrorCode::IdempotencyKeyRequired => "idempotency_key_required",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::IdempotencyKeyInProgress => "idempotency_key_in_progress",
+            ErrorCode::InvalidState => "invalid_state",
+            ErrorCode::RefundExceedsCapture => "refund_exceeds_capture",
+            ErrorCode::PaymentProviderUnavailable => "payment_provider_unavailable",
         }
     }
 
@@ -85,6 +107,17 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => 408,
             ErrorCode::ServiceUnavailable => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::UnbalancedEntry => 422,
+            ErrorCode::InsufficientStock => 409,
+            ErrorCode::CurrencyMismatch => 422,
+            ErrorCode::InvalidCard => 422,
+            ErrorCode::InvalidVpa => 422,
+            ErrorCode::IdempotencyKeyRequired => 400,
+            ErrorCode::IdempotencyKeyReused => 422,
+            ErrorCode::IdempotencyKeyInProgress => 409,
+            ErrorCode::InvalidState => 409,
+            ErrorCode::RefundExceedsCapture => 422,
+            ErrorCode::PaymentProviderUnavailable => 502,
         }
     }
 
@@ -117,6 +150,21 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "The request took too long",
             ErrorCode::ServiceUnavailable => "The service is temporarily unavailable",
             ErrorCode::Internal => "Internal error",
+            ErrorCode::UnbalancedEntry => "The journal entry does not balance",
+            ErrorCode::InsufficientStock => "Not enough stock is available",
+            ErrorCode::CurrencyMismatch => "The currencies do not match",
+            ErrorCode::InvalidCard => "The card details are not valid",
+            ErrorCode::InvalidVpa => "The UPI address (VPA) is not valid",
+            ErrorCode::IdempotencyKeyRequired => "This request needs an Idempotency-Key header",
+            ErrorCode::IdempotencyKeyReused => {
+                "The Idempotency-Key was used with a different request"
+            }
+            ErrorCode::IdempotencyKeyInProgress => {
+                "A request with this Idempotency-Key is still being processed"
+            }
+            ErrorCode::InvalidState => "The resource is not in a state that allows this",
+            ErrorCode::RefundExceedsCapture => "The refund is larger than what remains captured",
+            ErrorCode::PaymentProviderUnavailable => "The payment provider did not answer",
         }
     }
 }

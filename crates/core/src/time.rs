@@ -40,6 +40,13 @@ impl Timestamp {
             .unwrap_or_else(|| self.0.to_string())
     }
 
+    /// The UTC calendar year and month (1 to 12).
+    pub fn year_month(self) -> (u32, u32) {
+        let dt = OffsetDateTime::from_unix_timestamp_nanos(self.0 as i128 * 1_000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        (dt.year().max(0) as u32, u8::from(dt.month()) as u32)
+    }
+
     pub fn saturating_sub(self, d: std::time::Duration) -> Self {
         Timestamp(self.0.saturating_sub(d.as_micros() as i64))
     }

@@ -29,6 +29,10 @@ pub struct AppState {
     pub cache: Arc<ResponseCache>,
     pub catalog: Arc<flowline_catalog::Catalog>,
     pub search: flowline_search::routes::SearchState,
+    pub inventory: Arc<flowline_inventory::Inventory>,
+    pub payments: Arc<flowline_payments::Payments>,
+    pub carts: Arc<flowline_cart::Carts>,
+    pub ledger: Arc<flowline_ledger::Ledger>,
 }
 
 impl AppState {
@@ -63,6 +67,25 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let metrics = flowline_cache::CacheMetrics::default();
     let relay = Relay::new(catalog_db.clone(), log.clone());
     flowline_catalog::Catalog::open(catalog_db.clone(), relay, &metrics).await?;
+    let db = Db::open(&backend, "inventory").await?;
+    flowline_inventory::Inventory::open(db.clone(), Relay::new(db.clone(), log.clone()), &metrics)
+        .await?;
+    db.close().await;
+    let db = Db::open(&backend, "payments").await?;
+    open_payments(settings, db.clone(), &log).await?;
+    db.close().await;
+    let db = Db::open(&backend, "cart").await?;
+    let prices = Arc::new(CatalogPrices(Arc::new(
+        flowline_catalog::Catalog::open(
+            catalog_db.clone(),
+            Relay::new(catalog_db.clone(), log.clone()),
+            &metrics,
+        )
+        .await?,
+    )));
+    flowline_cart::open(db.clone(), Relay::new(db.clone(), log.clone()), prices).await?;
+    db.close().await;
+    open_ledger(settings, &log).await?.db.close().await;
     catalog_db.close().await;
     log.db().close().await;
     Ok(())
@@ -73,6 +96,55 @@ pub async fn open_identity(settings: &Settings, log: &EventLog) -> anyhow::Resul
     let db = Db::open(&settings.backend()?, "identity").await?;
     let relay = Relay::new(db.clone(), log.clone());
     Ok(Identity::open(db, relay, settings.identity_config()).await?)
+}
+
+/// The payments context on `db`, with the built-in sandbox provider.
+pub async fn open_payments(
+    settings: &Settings,
+    db: Db,
+    log: &EventLog,
+) -> anyhow::Result<flowline_payments::Payments> {
+    let sandbox = Arc::new(flowline_payments::provider::Sandbox::new(
+        db.clone(),
+        settings.payments.sandbox_latency.0,
+    ));
+    let relay = Relay::new(db.clone(), log.clone());
+    Ok(flowline_payments::Payments::open(db, relay, sandbox, settings.payments_config()).await?)
+}
+
+/// The ledger context alone (for `flowline ledger verify`, too).
+pub async fn open_ledger(
+    settings: &Settings,
+    log: &EventLog,
+) -> anyhow::Result<flowline_ledger::Ledger> {
+    let db = Db::open(&settings.backend()?, "ledger").await?;
+    let relay = Relay::new(db.clone(), log.clone());
+    Ok(flowline_ledger::Ledger::open(db, relay).await?)
+}
+
+/// Carts read current prices through the catalog's API, never its tables.
+struct CatalogPrices(Arc<flowline_catalog::Catalog>);
+
+impl flowline_cart::PriceSource for CatalogPrices {
+    fn product<'a>(
+        &'a self,
+        product_id: &'a str,
+    ) -> flowline_http::BoxFuture<
+        'a,
+        Result<Option<flowline_cart::PricedProduct>, flowline_http::ApiError>,
+    > {
+        Box::pin(async move {
+            match self.0.get(product_id).await {
+                Ok(p) => Ok(Some(flowline_cart::PricedProduct {
+                    title: p.title,
+                    price: p.price,
+                    in_stock: p.in_stock,
+                })),
+                Err(e) if e.0.code == flowline_core::ErrorCode::NotFound.as_str() => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
 }
 
 /// The running application: state plus background tasks.
@@ -165,7 +237,91 @@ impl App {
                 .task,
         );
 
+        let inventory_db = Db::open(&backend, "inventory").await?;
+        let inventory_relay = Relay::new(inventory_db.clone(), log.clone());
+        let inventory = Arc::new(
+            flowline_inventory::Inventory::open(
+                inventory_db.clone(),
+                inventory_relay.clone(),
+                &cache_metrics,
+            )
+            .await?,
+        );
+        relays.push(tokio::spawn(inventory_relay.run(shutdown_rx.clone())));
+        databases.push(("inventory", inventory_db));
+        // Every node drops its cached stock levels on other nodes' changes.
+        let mut opts = ConsumerOptions::new(
+            format!("cache.inventory.{}", settings.server.node_id),
+            &[flowline_inventory::TOPIC],
+        );
+        opts.start = ReplayFrom::Latest;
+        let dropper = InventoryCacheInvalidator(inventory.clone());
+        consumers.push(
+            log.subscribe(opts, dropper, shutdown_rx.clone())
+                .await?
+                .task,
+        );
+        // The catalog's `in_stock` follows availability (one group for the cluster).
+        let opts = ConsumerOptions::new("catalog.stock", &[flowline_inventory::TOPIC]);
+        let follower = StockFollower(catalog.clone());
+        consumers.push(
+            log.subscribe(opts, follower, shutdown_rx.clone())
+                .await?
+                .task,
+        );
+
+        let payments_db = Db::open(&backend, "payments").await?;
+        let payments = Arc::new(open_payments(&settings, payments_db.clone(), &log).await?);
+        relays.push(tokio::spawn(
+            Relay::new(payments_db.clone(), log.clone()).run(shutdown_rx.clone()),
+        ));
+        databases.push(("payments", payments_db));
+
+        let cart_db = Db::open(&backend, "cart").await?;
+        let cart_relay = Relay::new(cart_db.clone(), log.clone());
+        let carts = Arc::new(
+            flowline_cart::open(
+                cart_db.clone(),
+                cart_relay.clone(),
+                Arc::new(CatalogPrices(catalog.clone())),
+            )
+            .await?,
+        );
+        relays.push(tokio::spawn(cart_relay.run(shutdown_rx.clone())));
+        databases.push(("cart", cart_db));
+
+        let ledger = Arc::new(open_ledger(&settings, &log).await?);
+        let ledger_db = ledger.db.clone();
+        relays.push(tokio::spawn(
+            Relay::new(ledger_db.clone(), log.clone()).run(shutdown_rx.clone()),
+        ));
+        databases.push(("ledger", ledger_db));
+        // Billing: captured payments become invoices and journal entries.
+        let opts = ConsumerOptions::new(
+            flowline_ledger::BILLING_GROUP,
+            &[flowline_ledger::PAYMENTS_TOPIC],
+        );
+        consumers.push(
+            log.subscribe(
+                opts,
+                flowline_ledger::Billing(ledger.clone()),
+                shutdown_rx.clone(),
+            )
+            .await?
+            .task,
+        );
+
         let housekeeping = vec![
+            tokio::spawn(sweep_reservations(
+                inventory.clone(),
+                settings.inventory.sweep_interval.0,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(reconcile_payments(
+                payments.clone(),
+                settings.payments.reconcile_interval.0,
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(retention(
                 log.clone(),
                 settings.clone(),
@@ -196,6 +352,10 @@ impl App {
             cache,
             catalog,
             search,
+            inventory,
+            payments,
+            carts,
+            ledger,
         });
         Ok(App {
             state,
@@ -240,6 +400,101 @@ impl Handler for CatalogCacheInvalidator {
     async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
         self.0.invalidate(&ev.envelope.key);
         Ok(())
+    }
+}
+
+struct InventoryCacheInvalidator(Arc<flowline_inventory::Inventory>);
+
+impl Handler for InventoryCacheInvalidator {
+    async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
+        if let Some(id) = ev
+            .envelope
+            .payload
+            .get("product_id")
+            .and_then(|v| v.as_str())
+        {
+            self.0.invalidate(id);
+        }
+        for item in ev.envelope.payload["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(id) = item["product_id"].as_str() {
+                self.0.invalidate(id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies `product.stock_changed` to the catalog's `in_stock`. The event
+/// carries the availability as of its commit, so applying it again is harmless.
+struct StockFollower(Arc<flowline_catalog::Catalog>);
+
+impl Handler for StockFollower {
+    async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
+        if ev.envelope.event_type != "product.stock_changed" {
+            return Ok(());
+        }
+        let p = &ev.envelope.payload;
+        let (Some(id), Some(in_stock)) = (p["product_id"].as_str(), p["in_stock"].as_bool()) else {
+            return Err(HandlerError::permanent(
+                "product.stock_changed without product_id/in_stock",
+            ));
+        };
+        let ctx = flowline_http::RequestContext {
+            correlation_id: ev.envelope.correlation_id.clone(),
+            request_id: ev.envelope.id.to_string(),
+        };
+        self.0
+            .set_in_stock(&ctx, id, in_stock)
+            .await
+            .map_err(|e| HandlerError::transient(format!("{}: {:?}", e.0.code, e.0.detail)))
+    }
+}
+
+/// Releases reservations past their TTL (`inventory.reservation_expired`).
+async fn sweep_reservations(
+    inventory: Arc<flowline_inventory::Inventory>,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        match inventory.expire_due().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "released expired reservations"),
+            Err(e) => tracing::warn!(code = %e.0.code, "reservation sweep failed"),
+        }
+    }
+}
+
+/// Drives payments and refunds a crash or a silent provider left unresolved,
+/// and forgets idempotency keys past their 24 hours.
+async fn reconcile_payments(
+    payments: Arc<flowline_payments::Payments>,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let min_age = std::time::Duration::from_secs(30);
+        let give_up = std::time::Duration::from_secs(600);
+        match payments.reconcile(min_age, give_up).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(moved = n, "reconciled payments"),
+            Err(e) => tracing::warn!(code = %e.0.code, "payment reconciliation failed"),
+        }
+        if let Err(e) = flowline_payments::idempotency::prune(&payments.db).await {
+            tracing::warn!(error = %e, "cannot prune idempotency keys");
+        }
     }
 }
 

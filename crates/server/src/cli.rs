@@ -56,9 +56,23 @@ pub enum Command {
     /// Manage token signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Check the ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// Run a benchmark scenario.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Check that every journal entry balances per currency, that every
+    /// balance projection equals a replay of the journal, and that invoice
+    /// and credit-note numbers have no gaps. Exits 1 when anything is off.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +256,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ledger(LedgerCommand::Verify { json }) => {
+            let log = open_log(&settings).await?;
+            let ledger = crate::app::open_ledger(&settings, &log).await?;
+            let report = ledger.verify().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} entries, {} postings, {} account balances checked",
+                    report.entries, report.postings, report.accounts
+                );
+                for p in &report.unbalanced {
+                    println!("UNBALANCED {}", serde_json::to_string(p)?);
+                }
+                for m in &report.mismatched {
+                    println!("MISMATCH {}", serde_json::to_string(m)?);
+                }
+                for g in &report.sequence_gaps {
+                    println!("GAP {}", serde_json::to_string(g)?);
+                }
+            }
+            if !report.is_ok() {
+                anyhow::bail!("the ledger does not verify");
+            }
+            if !json {
+                println!("ledger ok");
+            }
+            Ok(())
+        }
         Command::Search(SearchCommand::Reindex { chunk }) => reindex(&settings, chunk).await,
         Command::Seed(SeedCommand::Catalog {
             products,
@@ -341,8 +384,25 @@ fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate
     let catalog_admin = catalog_admin
         .route_layer(from_fn_with_state(auth.clone(), require_role_admin))
         .route_layer(from_fn_with_state(auth.clone(), require_auth));
+    let (inventory_public, inventory_admin) =
+        flowline_inventory::routes::routes(state.inventory.clone());
+    let inventory_admin = inventory_admin
+        .route_layer(from_fn_with_state(auth.clone(), require_role_admin))
+        .route_layer(from_fn_with_state(auth.clone(), require_auth));
+    let payments = flowline_payments::routes::routes(state.payments.clone())
+        .route_layer(from_fn_with_state(auth.clone(), require_auth));
+    let carts = flowline_cart::routes(state.carts.clone())
+        .route_layer(from_fn_with_state(auth.clone(), require_auth));
+    let ledger = flowline_ledger::routes::routes(state.ledger.clone())
+        .route_layer(from_fn_with_state(auth.clone(), require_role_admin))
+        .route_layer(from_fn_with_state(auth.clone(), require_auth));
     axum::Router::new()
         .merge(crate::probe::routes())
+        .merge(inventory_public)
+        .merge(inventory_admin)
+        .merge(payments)
+        .merge(carts)
+        .merge(ledger)
         .merge(flowline_identity::routes::api_routes(auth))
         .merge(catalog_public)
         .merge(catalog_admin)

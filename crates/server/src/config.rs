@@ -21,6 +21,68 @@ pub struct Settings {
     pub probe: ProbeSettings,
     pub auth: AuthSettings,
     pub ratelimit: RateLimitSettings,
+    pub inventory: InventorySettings,
+    pub payments: PaymentSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InventorySettings {
+    /// How often held reservations past their TTL are released.
+    pub sweep_interval: HumanDuration,
+}
+
+impl Default for InventorySettings {
+    fn default() -> Self {
+        InventorySettings {
+            sweep_interval: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentSettings {
+    /// Added to every call of the built-in sandbox provider.
+    pub sandbox_latency: HumanDuration,
+    /// One provider call's deadline; a call past it counts as timed out.
+    pub provider_timeout: HumanDuration,
+    /// Attempts per provider call before the provider is asked for the outcome.
+    pub provider_attempts: u32,
+    /// How long a request waits for an earlier one with its idempotency key.
+    pub idempotency_wait: HumanDuration,
+    /// How often payments and refunds left unresolved are driven forward.
+    pub reconcile_interval: HumanDuration,
+    /// Fraud rules: the sliding window of the velocity rules.
+    pub fraud_velocity_window: HumanDuration,
+    pub fraud_max_per_user: i64,
+    pub fraud_max_per_card: i64,
+    /// Minor units at or above which a payment is refused.
+    pub fraud_decline_amount: i64,
+    /// Minor units at or above which a payment scores as high.
+    pub fraud_review_amount: i64,
+    /// Score at or above which a payment is declined (`fraud_suspected`).
+    pub fraud_threshold: u32,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        let f = flowline_payments::fraud::FraudConfig::default();
+        let c = flowline_payments::PaymentsConfig::default();
+        PaymentSettings {
+            sandbox_latency: HumanDuration(Duration::ZERO),
+            provider_timeout: HumanDuration(c.provider_timeout),
+            provider_attempts: c.provider_attempts,
+            idempotency_wait: HumanDuration(c.idempotency_wait),
+            reconcile_interval: HumanDuration(Duration::from_secs(30)),
+            fraud_velocity_window: HumanDuration(f.velocity_window),
+            fraud_max_per_user: f.max_per_user,
+            fraud_max_per_card: f.max_per_card,
+            fraud_decline_amount: f.decline_amount,
+            fraud_review_amount: f.review_amount,
+            fraud_threshold: f.threshold,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +221,8 @@ impl Default for Settings {
             probe: ProbeSettings::default(),
             auth: AuthSettings::default(),
             ratelimit: RateLimitSettings::default(),
+            inventory: InventorySettings::default(),
+            payments: PaymentSettings::default(),
         }
     }
 }
@@ -371,6 +435,15 @@ impl Settings {
                 bail!("invalid configuration key `ratelimit.{k}`: must be positive");
             }
         }
+        if self.payments.provider_attempts == 0 {
+            bail!("invalid configuration key `payments.provider_attempts`: must be at least 1");
+        }
+        if self.payments.provider_timeout.0.is_zero() {
+            bail!("invalid configuration key `payments.provider_timeout`: must be positive");
+        }
+        if self.inventory.sweep_interval.0.is_zero() {
+            bail!("invalid configuration key `inventory.sweep_interval`: must be positive");
+        }
         if self.auth.hash_concurrency == 0 {
             bail!("invalid configuration key `auth.hash_concurrency`: must be positive");
         }
@@ -423,6 +496,23 @@ impl Settings {
             hash_concurrency: a.hash_concurrency,
             lockout_threshold: a.lockout_threshold,
             lockout_max_delay: a.lockout_max_delay.0,
+        }
+    }
+
+    pub fn payments_config(&self) -> flowline_payments::PaymentsConfig {
+        let p = &self.payments;
+        flowline_payments::PaymentsConfig {
+            fraud: flowline_payments::fraud::FraudConfig {
+                velocity_window: p.fraud_velocity_window.0,
+                max_per_user: p.fraud_max_per_user,
+                max_per_card: p.fraud_max_per_card,
+                decline_amount: p.fraud_decline_amount,
+                review_amount: p.fraud_review_amount,
+                threshold: p.fraud_threshold,
+            },
+            provider_timeout: p.provider_timeout.0,
+            provider_attempts: p.provider_attempts,
+            idempotency_wait: p.idempotency_wait.0,
         }
     }
 

@@ -90,6 +90,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(crate::probe::ProbeApi::openapi());
     doc.merge(flowline_catalog::routes::CatalogApi::openapi());
     doc.merge(flowline_search::routes::SearchApi::openapi());
+    doc.merge(flowline_inventory::routes::InventoryApi::openapi());
+    doc.merge(flowline_payments::routes::PaymentsApi::openapi());
+    doc.merge(flowline_cart::routes::CartApi::openapi());
+    doc.merge(flowline_ledger::routes::LedgerApi::openapi());
     doc
 }
 
