@@ -276,6 +276,29 @@ impl Inventory {
         }
         let now = Timestamp::now().as_micros();
         let mut tx = self.db.begin().await?;
+        // Create the row if missing, then lock it (a no-op update takes the
+        // row lock on PostgreSQL; SQLite's write transaction already excludes
+        // others), so the count and reservations read below stay true until commit.
+        flowline_store::on_tx!(&mut tx, |c| sqlx::query(
+            "INSERT INTO stock (product_id, warehouse, on_hand, reserved, version, updated_at)
+             VALUES ($1, $2, 0, 0, 0, $3) ON CONFLICT (product_id, warehouse) DO NOTHING"
+        )
+        .bind(product_id)
+        .bind(warehouse)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))
+        .map_err(StoreError::from)?;
+        flowline_store::on_tx!(&mut tx, |c| sqlx::query(
+            "UPDATE stock SET version = version WHERE product_id = $1 AND warehouse = $2"
+        )
+        .bind(product_id)
+        .bind(warehouse)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))
+        .map_err(StoreError::from)?;
         let before: Option<(i64, i64)> = flowline_store::on_tx!(&mut tx, |c| sqlx::query_as(
             "SELECT on_hand, reserved FROM stock WHERE product_id = $1 AND warehouse = $2"
         )
@@ -294,10 +317,8 @@ impl Inventory {
                 .into());
         }
         flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-            "INSERT INTO stock (product_id, warehouse, on_hand, reserved, version, updated_at)
-             VALUES ($1, $2, $3, 0, 1, $4)
-             ON CONFLICT (product_id, warehouse) DO UPDATE
-             SET on_hand = excluded.on_hand, version = stock.version + 1, updated_at = excluded.updated_at"
+            "UPDATE stock SET on_hand = $3, version = version + 1, updated_at = $4
+             WHERE product_id = $1 AND warehouse = $2"
         )
         .bind(product_id)
         .bind(warehouse)
@@ -370,7 +391,10 @@ impl Inventory {
                     .with_field("order_id", "already reserved with other items")
                     .into());
             }
-            return Ok((existing, false));
+            return match existing.status {
+                ReservationStatus::Held | ReservationStatus::Confirmed => Ok((existing, false)),
+                s => Err(wrong_state(&req.order_id, s)),
+            };
         }
         // Items are sorted by (warehouse, product): concurrent reservations lock
         // rows in one order and cannot deadlock.
@@ -563,12 +587,16 @@ impl Inventory {
                 correlation_id: flowline_core::id::new_correlation_id(),
                 request_id: flowline_core::id::new_id().to_string(),
             };
-            if self
+            match self
                 .finish(&ctx, &order_id, ReservationStatus::Expired)
-                .await?
-                .is_some()
+                .await
             {
-                n += 1;
+                Ok(Some(_)) => n += 1,
+                Ok(None) => {}
+                // One bad reservation must not hold up the others.
+                Err(e) => {
+                    tracing::warn!(%order_id, code = %e.0.code, "cannot expire a reservation")
+                }
             }
         }
         Ok(n)

@@ -160,6 +160,9 @@ async fn a_reservation_is_all_or_nothing_and_idempotent_by_order() {
         inv.release(&ctx(), "o1").await.unwrap();
         inv.release(&ctx(), "o1").await.unwrap();
         assert_eq!(inv.level_now("a").await.unwrap().available, 5);
+        // A retried command for a finished reservation says so; it holds nothing.
+        let e = inv.reserve(&ctx(), both("o1", 2, 1)).await.unwrap_err();
+        assert_eq!(e.0.code, "invalid_state");
         assert_eq!(
             inv.confirm(&ctx(), "o1").await.unwrap_err().0.code,
             "invalid_state"

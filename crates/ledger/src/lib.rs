@@ -302,7 +302,13 @@ struct ValidEntry {
 
 const MAX_POSTINGS: usize = 100;
 
-fn validate(e: NewEntry) -> Result<ValidEntry, ApiError> {
+fn validate(mut e: NewEntry) -> Result<ValidEntry, ApiError> {
+    // Stored and summed in canonical form, so " usd" is not a currency of its own.
+    for p in &mut e.postings {
+        if let Ok(c) = Currency::parse(&p.currency) {
+            p.currency = c.as_str().to_owned();
+        }
+    }
     let mut errors: Vec<(String, &str)> = Vec::new();
     let mut err = |field: String, msg: &'static str| errors.push((field, msg));
     let n = e.reference.chars().count();
@@ -513,6 +519,14 @@ impl Ledger {
         let entry_id = flowline_core::id::new_id().to_string();
         let recorded_at = Timestamp::now();
         let json = serde_json::to_string(&v.postings).map_err(StoreError::from)?;
+        // One appender at a time on PostgreSQL (SQLite has one writer anyway):
+        // seqs then commit in order, so a reader paging by seq skips none.
+        if let Tx::Postgres(t) = &mut *tx {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('flowline.ledger.journal'))")
+                .execute(&mut **t)
+                .await
+                .map_err(StoreError::from)?;
+        }
         // DO NOTHING rather than failing: on PostgreSQL a unique violation would
         // abort the caller's transaction, and a concurrent twin waits here.
         let seq: Option<i64> = flowline_store::on_tx!(&mut *tx, |c| sqlx::query_scalar(
@@ -731,29 +745,44 @@ impl Ledger {
     /// full replay; invoice and credit-note numbers run 1..=n without gaps.
     pub async fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
-        self.verify_entries(&mut report).await?;
-        self.verify_projection(&mut report).await?;
-        self.verify_sequences(&mut report).await?;
+        // One read transaction, so every check sees the same moment of a live
+        // ledger (on SQLite a WAL snapshot that does not block the writer).
+        let mut tx = match &self.db {
+            Db::Sqlite { read, .. } => Tx::Sqlite(read.begin().await?),
+            Db::Postgres { pool, .. } => Tx::Postgres(pool.begin().await?),
+        };
+        if let Tx::Postgres(t) = &mut tx {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut **t)
+                .await?;
+        }
+        self.verify_entries(&mut tx, &mut report).await?;
+        self.verify_projection(&mut tx, &mut report).await?;
+        self.verify_sequences(&mut tx, &mut report).await?;
+        tx.rollback().await?;
         Ok(report)
     }
 
-    async fn verify_entries(&self, report: &mut VerifyReport) -> Result<(), StoreError> {
+    async fn verify_entries(
+        &self,
+        tx: &mut Tx,
+        report: &mut VerifyReport,
+    ) -> Result<(), StoreError> {
         const PAGE: i64 = 500;
         let sql =
             format!("SELECT {JOURNAL_COLUMNS} FROM journal WHERE seq > $1 ORDER BY seq LIMIT $2");
         let mut after = 0i64;
         loop {
-            let rows: Vec<JournalRow> =
-                flowline_store::on_pool!(&self.db, |p| sqlx::query_as(&sql)
-                    .bind(after)
-                    .bind(PAGE)
-                    .fetch_all(p)
-                    .await)?;
+            let rows: Vec<JournalRow> = flowline_store::on_tx!(&mut *tx, |p| sqlx::query_as(&sql)
+                .bind(after)
+                .bind(PAGE)
+                .fetch_all(p)
+                .await)?;
             let Some(last) = rows.last().map(|r| r.0) else {
                 break;
             };
             let lines: Vec<(i64, String, String, i64, i64, i64)> =
-                flowline_store::on_pool!(&self.db, |p| sqlx::query_as(
+                flowline_store::on_tx!(&mut *tx, |p| sqlx::query_as(
                     "SELECT entry_seq, account, currency, debit, credit, occurred_at FROM postings
                      WHERE entry_seq > $1 AND entry_seq <= $2 ORDER BY entry_seq, line"
                 )
@@ -793,16 +822,20 @@ impl Ledger {
         Ok(())
     }
 
-    async fn verify_projection(&self, report: &mut VerifyReport) -> Result<(), StoreError> {
+    async fn verify_projection(
+        &self,
+        tx: &mut Tx,
+        report: &mut VerifyReport,
+    ) -> Result<(), StoreError> {
         let replayed: Vec<(String, String, i64, i64)> =
-            flowline_store::on_pool!(&self.db, |p| sqlx::query_as(
+            flowline_store::on_tx!(&mut *tx, |p| sqlx::query_as(
                 "SELECT account, currency, CAST(SUM(debit) AS BIGINT), CAST(SUM(credit) AS BIGINT)
              FROM postings GROUP BY account, currency"
             )
             .fetch_all(p)
             .await)?;
         let projected: Vec<(String, String, i64, i64)> =
-            flowline_store::on_pool!(&self.db, |p| sqlx::query_as(
+            flowline_store::on_tx!(&mut *tx, |p| sqlx::query_as(
                 "SELECT account, currency, debits, credits FROM balances"
             )
             .fetch_all(p)
@@ -830,15 +863,19 @@ impl Ledger {
         Ok(())
     }
 
-    async fn verify_sequences(&self, report: &mut VerifyReport) -> Result<(), StoreError> {
+    async fn verify_sequences(
+        &self,
+        tx: &mut Tx,
+        report: &mut VerifyReport,
+    ) -> Result<(), StoreError> {
         for kind in [InvoiceKind::Invoice, InvoiceKind::CreditNote] {
-            let numbers: Vec<String> = flowline_store::on_pool!(&self.db, |p| sqlx::query_scalar(
+            let numbers: Vec<String> = flowline_store::on_tx!(&mut *tx, |p| sqlx::query_scalar(
                 "SELECT number FROM invoices WHERE kind = $1"
             )
             .bind(kind.as_str())
             .fetch_all(p)
             .await)?;
-            let counter: Option<i64> = flowline_store::on_pool!(&self.db, |p| sqlx::query_scalar(
+            let counter: Option<i64> = flowline_store::on_tx!(&mut *tx, |p| sqlx::query_scalar(
                 "SELECT value FROM sequences WHERE name = $1"
             )
             .bind(kind.as_str())

@@ -15,7 +15,10 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
+/// A claim not refreshed for this long is taken to be abandoned by a dead holder.
 const LEASE: Duration = Duration::from_secs(60);
+/// How often a running holder refreshes its claim.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
 /// A response to keep and replay.
@@ -26,8 +29,9 @@ pub struct Stored {
 }
 
 pub enum Claim {
-    /// This request runs; call [`finish`] or [`abandon`].
-    Run,
+    /// This request runs, as the holder named here: keep the claim alive
+    /// with [`heartbeat`], then [`finish`] or [`abandon`] it.
+    Run(String),
     Replay(Stored),
 }
 
@@ -68,22 +72,24 @@ pub async fn claim(
     wait: Duration,
 ) -> Result<Claim, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
+    let owner = flowline_core::id::new_id().to_string();
     loop {
         let now = Timestamp::now();
         let inserted = flowline_store::on_pool!(write db, |p| sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at, locked_at)
-             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (user_id, idem_key) DO NOTHING"
+            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at, locked_at, owner)
+             VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (user_id, idem_key) DO NOTHING"
         )
         .bind(user)
         .bind(key)
         .bind(hash)
         .bind(now.as_micros())
+        .bind(&owner)
         .execute(p)
         .await
         .map(|r| r.rows_affected()))
         .map_err(StoreError::from)?;
         if inserted == 1 {
-            return Ok(Claim::Run);
+            return Ok(Claim::Run(owner));
         }
         let row: Option<Row> = flowline_store::on_pool!(write db, |p| sqlx::query_as(
             "SELECT request_hash, response_status, response_body, created_at, locked_at
@@ -119,19 +125,20 @@ pub async fn claim(
         if locked < now.saturating_sub(LEASE).as_micros() {
             // The first attempt's holder is gone: take the claim over.
             let took = flowline_store::on_pool!(write db, |p| sqlx::query(
-                "UPDATE idempotency_keys SET locked_at = $4
+                "UPDATE idempotency_keys SET locked_at = $4, owner = $5
                  WHERE user_id = $1 AND idem_key = $2 AND locked_at = $3 AND response_status IS NULL"
             )
             .bind(user)
             .bind(key)
             .bind(locked)
             .bind(now.as_micros())
+            .bind(&owner)
             .execute(p)
             .await
             .map(|r| r.rows_affected()))
             .map_err(StoreError::from)?;
             if took == 1 {
-                return Ok(Claim::Run);
+                return Ok(Claim::Run(owner));
             }
             continue;
         }
@@ -157,17 +164,39 @@ async fn delete_if(db: &Db, user: &str, key: &str, created: i64) -> Result<(), S
     Ok(())
 }
 
-/// Keeps the response for replays.
-pub async fn finish(db: &Db, user: &str, key: &str, r: &Stored) -> Result<(), StoreError> {
+/// Refreshes a running holder's claim so it is not taken over.
+pub async fn heartbeat(db: &Db, user: &str, key: &str, owner: &str) -> Result<(), StoreError> {
+    flowline_store::on_pool!(write db, |p| sqlx::query(
+        "UPDATE idempotency_keys SET locked_at = $4 WHERE user_id = $1 AND idem_key = $2 AND owner = $3"
+    )
+    .bind(user)
+    .bind(key)
+    .bind(owner)
+    .bind(Timestamp::now().as_micros())
+    .execute(p)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Keeps the response for replays (only while `owner` still holds the claim).
+pub async fn finish(
+    db: &Db,
+    user: &str,
+    key: &str,
+    owner: &str,
+    r: &Stored,
+) -> Result<(), StoreError> {
     let body = serde_json::to_string(&r.body)?;
     flowline_store::on_pool!(write db, |p| sqlx::query(
         "UPDATE idempotency_keys SET response_status = $3, response_body = $4
-         WHERE user_id = $1 AND idem_key = $2"
+         WHERE user_id = $1 AND idem_key = $2 AND owner = $5"
     )
     .bind(user)
     .bind(key)
     .bind(i64::from(r.status))
     .bind(&body)
+    .bind(owner)
     .execute(p)
     .await
     .map(|r| r.rows_affected()))?;
@@ -175,12 +204,14 @@ pub async fn finish(db: &Db, user: &str, key: &str, r: &Stored) -> Result<(), St
 }
 
 /// Frees the key after a server-side failure, so the client's retry runs again.
-pub async fn abandon(db: &Db, user: &str, key: &str) -> Result<(), StoreError> {
+pub async fn abandon(db: &Db, user: &str, key: &str, owner: &str) -> Result<(), StoreError> {
     flowline_store::on_pool!(write db, |p| sqlx::query(
-        "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND response_status IS NULL"
+        "DELETE FROM idempotency_keys
+         WHERE user_id = $1 AND idem_key = $2 AND owner = $3 AND response_status IS NULL"
     )
     .bind(user)
     .bind(key)
+    .bind(owner)
     .execute(p)
     .await
     .map(|r| r.rows_affected()))?;

@@ -127,6 +127,8 @@ pub struct Payment {
     pub tax_amount: i64,
     pub currency: String,
     pub refunded_amount: i64,
+    /// Refunds sent to the provider and not yet answered.
+    pub refund_pending: i64,
     pub decline_reason: Option<String>,
     pub fraud: FraudSummary,
     pub created_at: String,
@@ -140,7 +142,7 @@ pub struct Payment {
 }
 
 /// `POST /payments` (seed 003's payment command, plus UPI and options).
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPayment {
     pub order_id: Option<String>,
@@ -194,7 +196,7 @@ pub struct Payments {
 
 const COLUMNS: &str = "id, user_id, order_id, status, method, card_token, card_brand, card_last4, vpa, amount,
     tax_amount, currency, refunded_amount, auto_capture, fraud_score, fraud_reasons, decline_reason, version,
-    created_at, updated_at";
+    created_at, updated_at, refund_pending";
 
 type Row = (
     String,
@@ -218,6 +220,7 @@ type Row = (
         i64,
         i64,
         i64,
+        i64,
     ),
 );
 
@@ -233,6 +236,7 @@ fn payment(r: Row) -> Result<Payment, StoreError> {
         version,
         created,
         updated,
+        refund_pending,
     ) = r.10;
     Ok(Payment {
         status: Status::parse(&r.3)?,
@@ -250,6 +254,7 @@ fn payment(r: Row) -> Result<Payment, StoreError> {
         tax_amount,
         currency,
         refunded_amount,
+        refund_pending,
         decline_reason: decline,
         fraud: FraudSummary {
             score,
@@ -397,6 +402,33 @@ impl Payments {
         row.transpose()?.map(payment).transpose()
     }
 
+    /// The payment `user_id` made with `key`; the same key with another
+    /// request is refused, whenever it comes.
+    async fn by_key(
+        &self,
+        user_id: &str,
+        key: &str,
+        hash: &str,
+    ) -> Result<Option<Payment>, ApiError> {
+        let found: Option<(String, String)> = flowline_store::on_pool!(write & self.db, |p| {
+            sqlx::query_as(
+            "SELECT id, request_hash FROM transactions WHERE user_id = $1 AND idempotency_key = $2"
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(p)
+        .await
+        })
+        .map_err(StoreError::from)?;
+        match found {
+            None => Ok(None),
+            Some((_, h)) if h != hash => Err(Problem::new(ErrorCode::IdempotencyKeyReused)
+                .with_detail("this Idempotency-Key already made a payment with a different request")
+                .into()),
+            Some((id, _)) => Ok(Some(self.get(&id).await?)),
+        }
+    }
+
     /// Creates and runs a payment for `user_id`. A payment already made with
     /// this idempotency key is resumed and returned instead.
     pub async fn create(
@@ -406,10 +438,8 @@ impl Payments {
         key: &str,
         req: NewPayment,
     ) -> Result<Payment, ApiError> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM transactions WHERE user_id = $1 AND idempotency_key = $2"
-        );
-        if let Some(p) = self.find_by(&sql, &[user_id, key]).await? {
+        let hash = request_hash(&req);
+        if let Some(p) = self.by_key(user_id, key, &hash).await? {
             return self.advance(ctx, p).await;
         }
         let v = self.validate(user_id, &req).await?;
@@ -417,20 +447,34 @@ impl Payments {
         let since = now
             .saturating_sub(self.cfg.fraud.velocity_window)
             .as_micros();
-        let user_attempts: i64 = flowline_store::on_pool!(&self.db, |p| sqlx::query_scalar(
+        let mut tx = self.db.begin().await?;
+        // The velocity rules count inside the write transaction, so concurrent
+        // attempts are counted one after another: on SQLite the transaction
+        // holds the write lock; on PostgreSQL these locks queue same-user and
+        // same-card attempts.
+        if let Tx::Postgres(t) = &mut tx {
+            for k in [user_id, v.fingerprint.as_str()] {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind(k)
+                    .execute(&mut **t)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+        }
+        let user_attempts: i64 = flowline_store::on_tx!(&mut tx, |c| sqlx::query_scalar(
             "SELECT count(*) FROM transactions WHERE user_id = $1 AND created_at >= $2"
         )
         .bind(user_id)
         .bind(since)
-        .fetch_one(p)
+        .fetch_one(c)
         .await)
         .map_err(StoreError::from)?;
-        let card_attempts: i64 = flowline_store::on_pool!(&self.db, |p| sqlx::query_scalar(
+        let card_attempts: i64 = flowline_store::on_tx!(&mut tx, |c| sqlx::query_scalar(
             "SELECT count(*) FROM transactions WHERE fingerprint = $1 AND created_at >= $2"
         )
         .bind(&v.fingerprint)
         .bind(since)
-        .fetch_one(p)
+        .fetch_one(c)
         .await)
         .map_err(StoreError::from)?;
         let verdict = fraud::assess(
@@ -449,12 +493,11 @@ impl Payments {
         } else {
             Status::Pending
         };
-        let mut tx = self.db.begin().await?;
         let inserted = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
             "INSERT INTO transactions (id, user_id, order_id, idempotency_key, status, method, card_token, card_brand,
-                card_last4, fingerprint, vpa, amount, tax_amount, currency, refunded_amount, auto_capture,
-                billing_country, fraud_score, fraud_reasons, decline_reason, version, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, $15, $16, $17, $18, $19, 1, $20, $20)
+                card_last4, fingerprint, vpa, amount, tax_amount, currency, refunded_amount, refund_pending, auto_capture,
+                billing_country, fraud_score, fraud_reasons, decline_reason, version, created_at, updated_at, request_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 0, $15, $16, $17, $18, $19, 1, $20, $20, $21)
              ON CONFLICT (user_id, idempotency_key) DO NOTHING"
         )
         .bind(&id)
@@ -477,6 +520,7 @@ impl Payments {
         .bind(serde_json::to_string(&verdict.reasons).map_err(StoreError::from)?)
         .bind(verdict.rejected.then_some("fraud_suspected"))
         .bind(now.as_micros())
+        .bind(&hash)
         .execute(c)
         .await
         .map(|r| r.rows_affected()))
@@ -485,7 +529,7 @@ impl Payments {
             // A concurrent attempt with this key got there first: resume it.
             tx.rollback().await?;
             let p = self
-                .find_by(&sql, &[user_id, key])
+                .by_key(user_id, key, &hash)
                 .await?
                 .ok_or_else(not_found)?;
             return self.advance(ctx, p).await;
@@ -783,13 +827,56 @@ impl Payments {
         }
     }
 
-    /// Refunds part or all of what remains captured.
+    /// Refunds part or all of what remains captured. `key` names this
+    /// refund: a retry with it resumes the same refund (the provider
+    /// deduplicates by refund id) and never makes a second one.
     pub async fn refund(
         &self,
         ctx: &RequestContext,
         id: &str,
+        key: &str,
         req: RefundRequest,
     ) -> Result<Payment, ApiError> {
+        // Twice at most: a concurrent request with the same key may win the insert.
+        for _ in 0..2 {
+            let existing: Option<(String, i64, i64, String)> =
+                flowline_store::on_pool!(write &self.db, |p| sqlx::query_as(
+                    "SELECT id, amount, tax_amount, status FROM refunds WHERE payment_id = $1 AND idempotency_key = $2"
+                )
+                .bind(id)
+                .bind(key)
+                .fetch_optional(p)
+                .await)
+                .map_err(StoreError::from)?;
+            if let Some((refund_id, amount, tax, status)) = existing {
+                if req.amount.is_some_and(|a| a != amount) {
+                    return Err(Problem::new(ErrorCode::IdempotencyKeyReused)
+                        .with_detail("this key already refunded another amount")
+                        .into());
+                }
+                return match status.as_str() {
+                    "PENDING" => self.settle_refund(ctx, id, &refund_id, amount, tax).await,
+                    "SUCCEEDED" => self.get(id).await,
+                    _ => Err(Problem::new(ErrorCode::InvalidState)
+                        .with_detail("the provider refused this refund; use a new key to try again")
+                        .into()),
+                };
+            }
+            if let Some(held) = self.hold_refund(id, key, &req).await? {
+                return self.settle_refund(ctx, id, &held.0, held.1, held.2).await;
+            }
+        }
+        Err(Problem::new(ErrorCode::IdempotencyKeyInProgress).into())
+    }
+
+    /// Holds a refund's amount on the payment and records it PENDING, in one
+    /// transaction. `None` when another request with the key got there first.
+    async fn hold_refund(
+        &self,
+        id: &str,
+        key: &str,
+        req: &RefundRequest,
+    ) -> Result<Option<(String, i64, i64)>, ApiError> {
         let p = self.get(id).await?;
         if !matches!(p.status, Status::Captured | Status::PartiallyRefunded) {
             return Err(invalid_state(&p, "refunded"));
@@ -802,32 +889,31 @@ impl Payments {
                     .into());
             }
         }
-        let remaining = p.amount - p.refunded_amount;
+        let remaining = p.amount - p.refunded_amount - p.refund_pending;
         let amount = req.amount.unwrap_or(remaining);
         if amount <= 0 {
             return Err(Problem::new(ErrorCode::ValidationFailed)
                 .with_field("amount", "a positive number of minor units")
                 .into());
         }
-        if amount > remaining {
-            return Err(Problem::new(ErrorCode::RefundExceedsCapture)
+        let exceeds = |remaining: i64| -> ApiError {
+            Problem::new(ErrorCode::RefundExceedsCapture)
                 .with_detail(format!("{remaining} remains refundable"))
                 .with_field("amount", format!("at most {remaining}"))
-                .into());
-        }
-        // The tax share is cut cumulatively, so the shares of all refunds add
-        // up to the payment's tax exactly.
-        let share = |refunded: i64| {
-            (i128::from(p.tax_amount) * i128::from(refunded) / i128::from(p.amount)) as i64
+                .into()
         };
-        let tax = share(p.refunded_amount + amount) - share(p.refunded_amount);
+        if amount > remaining {
+            return Err(exceeds(remaining));
+        }
         let refund_id = flowline_core::id::new_id().to_string();
         let now = Timestamp::now().as_micros();
         let mut tx = self.db.begin().await?;
-        // Holds the amount first: two concurrent refunds cannot both pass the check.
+        // The hold takes the payment's row lock: concurrent refunds queue here,
+        // so the check and the tax share below see every earlier hold.
         let n = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-            "UPDATE transactions SET refunded_amount = refunded_amount + $2, version = version + 1, updated_at = $3
-             WHERE id = $1 AND refunded_amount + $2 <= amount AND status IN ('CAPTURED', 'PARTIALLY_REFUNDED')"
+            "UPDATE transactions SET refund_pending = refund_pending + $2, version = version + 1, updated_at = $3
+             WHERE id = $1 AND refunded_amount + refund_pending + $2 <= amount
+               AND status IN ('CAPTURED', 'PARTIALLY_REFUNDED')"
         )
         .bind(id)
         .bind(amount)
@@ -838,16 +924,37 @@ impl Payments {
         .map_err(StoreError::from)?;
         if n == 0 {
             tx.rollback().await?;
-            return Err(Problem::new(ErrorCode::RefundExceedsCapture)
-                .with_detail("another refund took what remained")
-                .with_field("amount", "more than remains")
-                .into());
+            return Err(exceeds(
+                self.get(id)
+                    .await
+                    .map(|p| p.amount - p.refunded_amount - p.refund_pending)
+                    .unwrap_or(0),
+            ));
         }
-        flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-            "INSERT INTO refunds (id, payment_id, amount, tax_amount, status, created_at) VALUES ($1, $2, $3, $4, 'PENDING', $5)"
+        let (total, tax_total, active): (i64, i64, i64) = flowline_store::on_tx!(&mut tx, |c| sqlx::query_as(
+            "SELECT amount, tax_amount, refunded_amount + refund_pending FROM transactions WHERE id = $1"
+        )
+        .bind(id)
+        .fetch_one(c)
+        .await)
+        .map_err(StoreError::from)?;
+        let taxed: Option<i64> = flowline_store::on_tx!(&mut tx, |c| sqlx::query_scalar(
+            "SELECT CAST(SUM(tax_amount) AS BIGINT) FROM refunds WHERE payment_id = $1 AND status <> 'FAILED'"
+        )
+        .bind(id)
+        .fetch_one(c)
+        .await)
+        .map_err(StoreError::from)?;
+        // Cut cumulatively: the shares of all refunds add up to the payment's tax.
+        let share = (i128::from(tax_total) * i128::from(active) / i128::from(total)) as i64;
+        let tax = (share - taxed.unwrap_or(0)).clamp(0, amount);
+        let inserted = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
+            "INSERT INTO refunds (id, payment_id, idempotency_key, amount, tax_amount, status, created_at)
+             VALUES ($1, $2, $3, $4, $5, 'PENDING', $6) ON CONFLICT (payment_id, idempotency_key) DO NOTHING"
         )
         .bind(&refund_id)
         .bind(id)
+        .bind(key)
         .bind(amount)
         .bind(tax)
         .bind(now)
@@ -855,8 +962,12 @@ impl Payments {
         .await
         .map(|r| r.rows_affected()))
         .map_err(StoreError::from)?;
+        if inserted == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
         tx.commit().await?;
-        self.settle_refund(ctx, id, &refund_id, amount, tax).await
+        Ok(Some((refund_id, amount, tax)))
     }
 
     /// Sends a held refund to the provider and records the outcome.
@@ -880,7 +991,7 @@ impl Payments {
                         .with_detail(format!("the provider refused the refund: {r}")),
                 )),
             ),
-            // Unknown: left PENDING for the reconciler, which retries it by its id.
+            // Unknown: stays PENDING (held) for the reconciler, which resends it by its id.
             Err(e) => return Err(provider_down(&e)),
         };
         let now = Timestamp::now();
@@ -895,19 +1006,22 @@ impl Payments {
         .map(|r| r.rows_affected()))
         .map_err(StoreError::from)?;
         if n == 0 {
+            // Settled by someone else already.
             tx.rollback().await?;
             return self.get(id).await;
         }
-        // Success settles the status; failure gives the held amount back.
-        let (sql, back) = if ok {
-            ("UPDATE transactions SET status = CASE WHEN refunded_amount = amount THEN 'REFUNDED' ELSE 'PARTIALLY_REFUNDED' END,
-                refunded_amount = refunded_amount - $2, version = version + 1, updated_at = $3 WHERE id = $1", 0)
+        // Success moves the hold to refunded money; failure releases it.
+        let sql = if ok {
+            "UPDATE transactions SET refunded_amount = refunded_amount + $2, refund_pending = refund_pending - $2,
+                status = CASE WHEN refunded_amount + $2 = amount THEN 'REFUNDED' ELSE 'PARTIALLY_REFUNDED' END,
+                version = version + 1, updated_at = $3 WHERE id = $1"
         } else {
-            ("UPDATE transactions SET refunded_amount = refunded_amount - $2, version = version + 1, updated_at = $3 WHERE id = $1", amount)
+            "UPDATE transactions SET refund_pending = refund_pending - $2, version = version + 1, updated_at = $3
+             WHERE id = $1"
         };
         flowline_store::on_tx!(&mut tx, |c| sqlx::query(sql)
             .bind(id)
-            .bind(back)
+            .bind(amount)
             .bind(now.as_micros())
             .execute(c)
             .await
@@ -933,8 +1047,9 @@ impl Payments {
 
     /// Drives work a crash or an unanswered provider left behind: PENDING
     /// payments and refunds older than `min_age`, and AUTHORIZED payments
-    /// that asked to be captured. A PENDING payment the provider never heard
-    /// of after `give_up` is FAILED. Returns how many it moved.
+    /// that asked to be captured. A PENDING payment the provider says it
+    /// never saw, `give_up` after it was made, is FAILED (and voided, in case
+    /// the authorization lands late). Returns how many it moved.
     pub async fn reconcile(&self, min_age: Duration, give_up: Duration) -> Result<usize, ApiError> {
         let now = Timestamp::now();
         let before = now.saturating_sub(min_age).as_micros();
@@ -952,6 +1067,16 @@ impl Payments {
         let mut moved = 0;
         for row in rows {
             let p = payment(row?)?;
+            // Marks the attempt, so one stuck payment does not head every pass.
+            flowline_store::on_pool!(write & self.db, |c| sqlx::query(
+                "UPDATE transactions SET updated_at = $2 WHERE id = $1"
+            )
+            .bind(&p.id)
+            .bind(Timestamp::now().as_micros())
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))
+            .map_err(StoreError::from)?;
             let ctx = RequestContext {
                 correlation_id: flowline_core::id::new_correlation_id(),
                 request_id: flowline_core::id::new_id().to_string(),
@@ -960,7 +1085,11 @@ impl Payments {
             let stale = Timestamp::parse_rfc3339(&p.created_at)
                 .map(|t| t < now.saturating_sub(give_up))
                 .unwrap_or(false);
-            let q = match self.advance(&ctx, p.clone()).await {
+            let q = match self.get(&p.id).await {
+                Ok(fresh) => self.advance(&ctx, fresh).await,
+                Err(e) => Err(e),
+            };
+            let q = match q {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::warn!(payment_id = %p.id, code = %e.0.code, "reconcile could not advance a payment");
@@ -968,41 +1097,64 @@ impl Payments {
                 }
             };
             if q.status == Status::Pending && stale {
-                self.transition(
-                    &ctx,
-                    &q,
-                    Status::Failed,
-                    Some("provider_unreachable"),
-                    "payment.failed",
-                )
-                .await?;
+                // Only an explicit "never heard of it" fails the payment; no answer waits.
+                if let Ok(ChargeStatus::Unknown) = self.call(|| self.provider.status(&q.id)).await {
+                    let _ = self.call(|| self.provider.void(&q.id)).await;
+                    if let Err(e) = self
+                        .transition(
+                            &ctx,
+                            &q,
+                            Status::Failed,
+                            Some("provider_unreachable"),
+                            "payment.failed",
+                        )
+                        .await
+                    {
+                        tracing::warn!(payment_id = %q.id, code = %e.0.code, "cannot fail a lost payment");
+                    }
+                    moved += 1;
+                    continue;
+                }
             }
             if q.status != was {
                 moved += 1;
             }
         }
-        let refunds: Vec<(String, String, i64, i64)> = flowline_store::on_pool!(&self.db, |p| sqlx::query_as(
-            "SELECT id, payment_id, amount, tax_amount FROM refunds WHERE status = 'PENDING' AND created_at < $1 LIMIT 100"
-        )
-        .bind(before)
-        .fetch_all(p)
-        .await)
-        .map_err(StoreError::from)?;
+        let refunds: Vec<(String, String, i64, i64)> =
+            flowline_store::on_pool!(&self.db, |p| sqlx::query_as(
+                "SELECT id, payment_id, amount, tax_amount FROM refunds
+             WHERE status = 'PENDING' AND created_at < $1 ORDER BY created_at LIMIT 100"
+            )
+            .bind(before)
+            .fetch_all(p)
+            .await)
+            .map_err(StoreError::from)?;
         for (refund_id, payment_id, amount, tax) in refunds {
             let ctx = RequestContext {
                 correlation_id: flowline_core::id::new_correlation_id(),
                 request_id: flowline_core::id::new_id().to_string(),
             };
-            if self
+            match self
                 .settle_refund(&ctx, &payment_id, &refund_id, amount, tax)
                 .await
-                .is_ok()
             {
-                moved += 1;
+                Ok(_) => moved += 1,
+                Err(e) => {
+                    tracing::warn!(%refund_id, code = %e.0.code, "reconcile could not settle a refund")
+                }
             }
         }
         Ok(moved)
     }
+}
+
+/// A payment request's fingerprint (its canonical JSON).
+fn request_hash(req: &NewPayment) -> String {
+    let bytes = serde_json::to_vec(req).unwrap_or_default();
+    Sha256::digest(&bytes)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 struct Validated {
@@ -1047,6 +1199,7 @@ where
             row.try_get("version")?,
             row.try_get("created_at")?,
             row.try_get("updated_at")?,
+            row.try_get("refund_pending")?,
         ),
     ))
 }

@@ -70,22 +70,38 @@ where
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let hash = idempotency::request_hash(route, &bytes);
     let wait = pay.config().idempotency_wait;
-    if let Claim::Replay(s) = idempotency::claim(&pay.db, &who.user_id, &key, &hash, wait).await? {
-        return Ok(respond(s, true));
-    }
-    match run(key.clone()).await {
+    let owner = match idempotency::claim(&pay.db, &who.user_id, &key, &hash, wait).await? {
+        Claim::Replay(s) => return Ok(respond(s, true)),
+        Claim::Run(owner) => owner,
+    };
+    // The claim is refreshed while the work runs, so a slow provider does
+    // not let a duplicate take it over.
+    let work = run(key.clone());
+    tokio::pin!(work);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tokio::time::sleep(idempotency::HEARTBEAT) => {
+                if let Err(e) = idempotency::heartbeat(&pay.db, &who.user_id, &key, &owner).await {
+                    tracing::warn!(error = %e, "cannot refresh an idempotency claim");
+                }
+            }
+        }
+    };
+    match outcome {
         Ok((status, p)) => {
             let stored = Stored {
                 status: status.as_u16(),
                 body: serde_json::to_value(&p).unwrap_or_default(),
             };
-            if let Err(e) = idempotency::finish(&pay.db, &who.user_id, &key, &stored).await {
+            if let Err(e) = idempotency::finish(&pay.db, &who.user_id, &key, &owner, &stored).await
+            {
                 tracing::error!(error = %e, "cannot store the idempotent response");
             }
             Ok(respond(stored, false))
         }
         Err(e) => {
-            if let Err(e) = idempotency::abandon(&pay.db, &who.user_id, &key).await {
+            if let Err(e) = idempotency::abandon(&pay.db, &who.user_id, &key, &owner).await {
                 tracing::error!(error = %e, "cannot free an idempotency key");
             }
             Err(e)
@@ -204,8 +220,9 @@ pub async fn refund(
     }
     let req: RefundRequest = parse(body.clone())?;
     let route = format!("POST /payments/{id}/refund");
-    once(&pay, &who, &headers, &route, &body, |_| async {
-        Ok((StatusCode::OK, pay.refund(&ctx, &id, req).await?))
+    let (pay2, id2) = (&pay, &id);
+    once(&pay, &who, &headers, &route, &body, |key| async move {
+        Ok((StatusCode::OK, pay2.refund(&ctx, id2, &key, req).await?))
     })
     .await
 }

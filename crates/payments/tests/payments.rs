@@ -98,10 +98,8 @@ async fn test_cards_approve_decline_time_out_and_fail_as_documented() {
             .tokenize("u1", &card("4242 4242 4242 4242"))
             .await
             .unwrap();
-        let paid = p
-            .create(&ctx(), "u1", "k1", pay_with(&ok.id, 29990))
-            .await
-            .unwrap();
+        let first = pay_with(&ok.id, 29990);
+        let paid = p.create(&ctx(), "u1", "k1", first.clone()).await.unwrap();
         assert_eq!(paid.status, Status::Captured);
         assert_eq!(paid.card.as_ref().unwrap().last4, "4242");
 
@@ -135,12 +133,15 @@ async fn test_cards_approve_decline_time_out_and_fail_as_documented() {
         );
 
         // The same key resumes the same payment: no second charge.
-        let again = p
-            .create(&ctx(), "u1", "k1", pay_with(&ok.id, 29990))
-            .await
-            .unwrap();
+        let again = p.create(&ctx(), "u1", "k1", first.clone()).await.unwrap();
         assert_eq!(again.id, paid.id);
         assert_eq!(env.sandbox.charges(&paid.id).await.unwrap(), 1);
+        // The same key with another request is refused, however late.
+        let e = p
+            .create(&ctx(), "u1", "k1", pay_with(&ok.id, 29990))
+            .await
+            .unwrap_err();
+        assert_eq!(e.0.code, "idempotency_key_reused");
 
         let kinds = events(&env).await;
         for k in [
@@ -155,71 +156,82 @@ async fn test_cards_approve_decline_time_out_and_fail_as_documented() {
 }
 
 #[tokio::test]
-async fn refunds_are_partial_or_full_and_never_exceed_the_capture() {
+async fn refunds_are_partial_or_full_once_per_key_and_never_exceed_the_capture() {
+    let refund = |amount: Option<i64>, currency: Option<&str>| RefundRequest {
+        amount,
+        currency: currency.map(str::to_owned),
+    };
     for env in envs(PaymentsConfig::default()).await {
         let p = &env.pay;
         let t = p.tokenize("u", &card("5555555555554444")).await.unwrap();
-        let paid = p
-            .create(&ctx(), "u", "k", pay_with(&t.id, 1000))
-            .await
-            .unwrap();
+        // 1000 with 333 tax: the refunds' tax shares must add up to 333 exactly.
+        let mut req = pay_with(&t.id, 1000);
+        req.tax_amount = Some(333);
+        let paid = p.create(&ctx(), "u", "k", req).await.unwrap();
         let part = p
-            .refund(
-                &ctx(),
-                &paid.id,
-                RefundRequest {
-                    amount: Some(300),
-                    currency: None,
-                },
-            )
+            .refund(&ctx(), &paid.id, "r1", refund(Some(300), None))
             .await
             .unwrap();
         assert_eq!(
             (part.status, part.refunded_amount),
             (Status::PartiallyRefunded, 300)
         );
+        // The same key again is the same refund, not a second one.
+        let again = p
+            .refund(&ctx(), &paid.id, "r1", refund(Some(300), None))
+            .await
+            .unwrap();
+        assert_eq!(again.refunded_amount, 300);
         let e = p
-            .refund(
-                &ctx(),
-                &paid.id,
-                RefundRequest {
-                    amount: Some(701),
-                    currency: None,
-                },
-            )
+            .refund(&ctx(), &paid.id, "r1", refund(Some(5), None))
+            .await
+            .unwrap_err();
+        assert_eq!(e.0.code, "idempotency_key_reused");
+        let e = p
+            .refund(&ctx(), &paid.id, "r2", refund(Some(701), None))
             .await
             .unwrap_err();
         assert_eq!(e.0.code, "refund_exceeds_capture");
         let e = p
-            .refund(
-                &ctx(),
-                &paid.id,
-                RefundRequest {
-                    amount: Some(1),
-                    currency: Some("USD".into()),
-                },
-            )
+            .refund(&ctx(), &paid.id, "r3", refund(Some(1), Some("USD")))
             .await
             .unwrap_err();
         assert_eq!(e.0.code, "currency_mismatch");
+        let third = p
+            .refund(&ctx(), &paid.id, "r4", refund(Some(333), None))
+            .await
+            .unwrap();
+        assert_eq!(third.refunded_amount, 633);
         let full = p
-            .refund(&ctx(), &paid.id, RefundRequest::default())
+            .refund(&ctx(), &paid.id, "r5", RefundRequest::default())
             .await
             .unwrap();
         assert_eq!(
-            (full.status, full.refunded_amount),
-            (Status::Refunded, 1000)
+            (full.status, full.refunded_amount, full.refund_pending),
+            (Status::Refunded, 1000, 0)
         );
-        assert_eq!(
-            p.refund(&ctx(), &paid.id, RefundRequest::default())
+        let e = p
+            .refund(&ctx(), &paid.id, "r6", RefundRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.0.code, "invalid_state");
+        env.relay.drain().await.unwrap();
+        let mut taxes = 0;
+        let mut refunds = 0;
+        for partition in 0..4 {
+            for e in env
+                .log
+                .read(flowline_payments::TOPIC, partition, 0, 1000)
                 .await
-                .unwrap_err()
-                .0
-                .code,
-            "invalid_state"
-        );
-        let kinds = events(&env).await;
-        assert_eq!(kinds.iter().filter(|k| *k == "payment.refunded").count(), 2);
+                .unwrap()
+            {
+                if e.envelope.event_type == "payment.refunded" {
+                    refunds += 1;
+                    taxes += e.envelope.payload["tax_amount"].as_i64().unwrap();
+                }
+            }
+        }
+        assert_eq!((refunds, taxes), (3, 333));
     }
 }
 
@@ -336,5 +348,35 @@ async fn reconcile_finishes_what_a_crash_left_pending() {
         let captured = p.capture(&ctx(), &paid.id).await.unwrap();
         assert_eq!(captured.status, Status::Captured);
         assert_eq!(env.sandbox.charges(&paid.id).await.unwrap(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_attempts_cannot_slip_past_the_velocity_rule() {
+    let mut cfg = PaymentsConfig::default();
+    cfg.fraud.max_per_card = 3;
+    for env in envs(cfg).await {
+        let t = env
+            .pay
+            .tokenize("u", &card("4242424242424242"))
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let (pay, token) = (env.pay.clone(), t.id.clone());
+                tokio::spawn(async move {
+                    pay.create(&ctx(), "u", &format!("c{i}"), pay_with(&token, 100))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut captured = 0;
+        for task in tasks {
+            if task.await.unwrap().status == Status::Captured {
+                captured += 1;
+            }
+        }
+        assert_eq!(captured, 3, "{}", env.pay.db.backend_name());
     }
 }

@@ -151,6 +151,7 @@ impl flowline_cart::PriceSource for CatalogPrices {
 pub struct App {
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
+    relay_stop: watch::Sender<bool>,
     relays: Vec<JoinHandle<()>>,
     consumers: Vec<JoinHandle<()>>,
     housekeeping: Vec<JoinHandle<()>>,
@@ -172,6 +173,9 @@ impl App {
         let cache_metrics = flowline_cache::CacheMetrics::default();
         cache_metrics.register(&mut metrics.registry);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // Relays stop last, so events committed by consumers and sweepers
+        // while they wind down still reach the log.
+        let (relay_stop, relay_rx) = watch::channel(false);
         let mut databases = Vec::new();
         let mut relays = Vec::new();
         let mut consumers = Vec::new();
@@ -182,7 +186,7 @@ impl App {
             let (probe, tasks) =
                 Probe::start(db.clone(), relay.clone(), &log, shutdown_rx.clone()).await?;
             consumers.extend(tasks);
-            relays.push(tokio::spawn(relay.run(shutdown_rx.clone())));
+            relays.push(tokio::spawn(relay.run(relay_rx.clone())));
             databases.push(("probe", db));
             Some(probe)
         } else {
@@ -199,7 +203,7 @@ impl App {
             )
             .await?,
         );
-        relays.push(tokio::spawn(identity_relay.run(shutdown_rx.clone())));
+        relays.push(tokio::spawn(identity_relay.run(relay_rx.clone())));
         databases.push(("identity", identity_db));
 
         let catalog_db = Db::open(&backend, "catalog").await?;
@@ -224,7 +228,7 @@ impl App {
                 .await?
                 .task,
         );
-        relays.push(tokio::spawn(catalog_relay.run(shutdown_rx.clone())));
+        relays.push(tokio::spawn(catalog_relay.run(relay_rx.clone())));
         databases.push(("catalog", catalog_db));
 
         let search = open_search(&settings, &log, &cache_metrics).await?;
@@ -247,7 +251,7 @@ impl App {
             )
             .await?,
         );
-        relays.push(tokio::spawn(inventory_relay.run(shutdown_rx.clone())));
+        relays.push(tokio::spawn(inventory_relay.run(relay_rx.clone())));
         databases.push(("inventory", inventory_db));
         // Every node drops its cached stock levels on other nodes' changes.
         let mut opts = ConsumerOptions::new(
@@ -263,7 +267,7 @@ impl App {
         );
         // The catalog's `in_stock` follows availability (one group for the cluster).
         let opts = ConsumerOptions::new("catalog.stock", &[flowline_inventory::TOPIC]);
-        let follower = StockFollower(catalog.clone());
+        let follower = StockFollower(catalog.clone(), inventory.clone());
         consumers.push(
             log.subscribe(opts, follower, shutdown_rx.clone())
                 .await?
@@ -273,7 +277,7 @@ impl App {
         let payments_db = Db::open(&backend, "payments").await?;
         let payments = Arc::new(open_payments(&settings, payments_db.clone(), &log).await?);
         relays.push(tokio::spawn(
-            Relay::new(payments_db.clone(), log.clone()).run(shutdown_rx.clone()),
+            Relay::new(payments_db.clone(), log.clone()).run(relay_rx.clone()),
         ));
         databases.push(("payments", payments_db));
 
@@ -287,13 +291,13 @@ impl App {
             )
             .await?,
         );
-        relays.push(tokio::spawn(cart_relay.run(shutdown_rx.clone())));
+        relays.push(tokio::spawn(cart_relay.run(relay_rx.clone())));
         databases.push(("cart", cart_db));
 
         let ledger = Arc::new(open_ledger(&settings, &log).await?);
         let ledger_db = ledger.db.clone();
         relays.push(tokio::spawn(
-            Relay::new(ledger_db.clone(), log.clone()).run(shutdown_rx.clone()),
+            Relay::new(ledger_db.clone(), log.clone()).run(relay_rx.clone()),
         ));
         databases.push(("ledger", ledger_db));
         // Billing: captured payments become invoices and journal entries.
@@ -360,6 +364,7 @@ impl App {
         Ok(App {
             state,
             shutdown,
+            relay_stop,
             relays,
             consumers,
             housekeeping,
@@ -367,14 +372,16 @@ impl App {
         })
     }
 
-    /// Stops background work: relays flush their outboxes first (so every
-    /// committed event reaches the log), then consumers finish the event in hand.
+    /// Stops background work: consumers finish the event in hand and
+    /// sweepers their pass, then relays flush every outbox (so every committed
+    /// event, including those just written, reaches the log).
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        for t in self.relays {
+        for t in self.consumers.into_iter().chain(self.housekeeping) {
             let _ = t.await;
         }
-        for t in self.consumers.into_iter().chain(self.housekeeping) {
+        let _ = self.relay_stop.send(true);
+        for t in self.relays {
             let _ = t.await;
         }
         for (_, db) in &self.state.databases {
@@ -428,21 +435,31 @@ impl Handler for InventoryCacheInvalidator {
     }
 }
 
-/// Applies `product.stock_changed` to the catalog's `in_stock`. The event
-/// carries the availability as of its commit, so applying it again is harmless.
-struct StockFollower(Arc<flowline_catalog::Catalog>);
+/// Applies `product.stock_changed` to the catalog's `in_stock`. The event is
+/// a trigger: the availability is read from inventory now (through its API),
+/// so a late, replayed or retried event never writes an old value back.
+struct StockFollower(
+    Arc<flowline_catalog::Catalog>,
+    Arc<flowline_inventory::Inventory>,
+);
 
 impl Handler for StockFollower {
     async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
         if ev.envelope.event_type != "product.stock_changed" {
             return Ok(());
         }
-        let p = &ev.envelope.payload;
-        let (Some(id), Some(in_stock)) = (p["product_id"].as_str(), p["in_stock"].as_bool()) else {
+        let Some(id) = ev.envelope.payload["product_id"].as_str() else {
             return Err(HandlerError::permanent(
-                "product.stock_changed without product_id/in_stock",
+                "product.stock_changed without product_id",
             ));
         };
+        let in_stock = self
+            .1
+            .level_now(id)
+            .await
+            .map_err(HandlerError::transient)?
+            .available
+            > 0;
         let ctx = flowline_http::RequestContext {
             correlation_id: ev.envelope.correlation_id.clone(),
             request_id: ev.envelope.id.to_string(),

@@ -14,6 +14,21 @@ use tokio::sync::{watch, Notify};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Reservations on hot products, payments authorized and captured by the
+    /// sandbox at zero latency, and ledger postings, next to the fsync ceiling.
+    Commerce {
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Products every reservation competes for.
+        #[arg(long, default_value_t = 4)]
+        hot_products: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Product search on a generated catalog: the tantivy index next to SQLite
     /// FTS5 (bm25, same data, same filters) in the same run.
     Search {
@@ -96,6 +111,25 @@ where
 
 pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Commerce {
+            seconds,
+            concurrency,
+            hot_products,
+            json,
+        } => {
+            let s = settings.clone();
+            in_fresh_dir(&settings, json, |dir| async move {
+                crate::bench_commerce::run(
+                    &s,
+                    &dir,
+                    Duration::from_secs(seconds),
+                    concurrency.max(1),
+                    hot_products,
+                )
+                .await
+            })
+            .await
+        }
         BenchCommand::Search {
             products,
             queries,

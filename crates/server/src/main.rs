@@ -2,6 +2,7 @@
 
 mod app;
 mod bench;
+mod bench_commerce;
 mod bench_search;
 mod cli;
 mod config;

@@ -18,6 +18,7 @@ CREATE TABLE transactions (
     user_id          TEXT    NOT NULL,
     order_id         TEXT,
     idempotency_key  TEXT    NOT NULL,
+    request_hash     TEXT    NOT NULL,
     status           TEXT    NOT NULL,
     method           TEXT    NOT NULL,
     card_token       TEXT,
@@ -28,7 +29,9 @@ CREATE TABLE transactions (
     amount           INTEGER NOT NULL CHECK (amount > 0),
     tax_amount       INTEGER NOT NULL CHECK (tax_amount >= 0 AND tax_amount <= amount),
     currency         TEXT    NOT NULL,
-    refunded_amount  INTEGER NOT NULL CHECK (refunded_amount >= 0 AND refunded_amount <= amount),
+    -- Settled refunds, and refunds sent but not yet answered (held).
+    refunded_amount  INTEGER NOT NULL CHECK (refunded_amount >= 0),
+    refund_pending   INTEGER NOT NULL CHECK (refund_pending >= 0),
     auto_capture     INTEGER NOT NULL,
     billing_country  TEXT,
     fraud_score      INTEGER NOT NULL,
@@ -37,7 +40,8 @@ CREATE TABLE transactions (
     version          INTEGER NOT NULL,
     created_at       INTEGER NOT NULL,
     updated_at       INTEGER NOT NULL,
-    UNIQUE (user_id, idempotency_key)
+    UNIQUE (user_id, idempotency_key),
+    CHECK (refunded_amount + refund_pending <= amount)
 );
 CREATE INDEX transactions_user_time ON transactions (user_id, created_at);
 CREATE INDEX transactions_fingerprint_time ON transactions (fingerprint, created_at);
@@ -45,12 +49,14 @@ CREATE INDEX transactions_pending ON transactions (status, updated_at);
 CREATE TABLE refunds (
     id          TEXT    PRIMARY KEY,
     payment_id  TEXT    NOT NULL,
+    idempotency_key TEXT NOT NULL,
     amount      INTEGER NOT NULL CHECK (amount > 0),
     tax_amount  INTEGER NOT NULL,
     status      TEXT    NOT NULL,
     created_at  INTEGER NOT NULL
 );
-CREATE INDEX refunds_payment ON refunds (payment_id);
+CREATE UNIQUE INDEX refunds_payment_key ON refunds (payment_id, idempotency_key);
+CREATE INDEX refunds_pending ON refunds (status, created_at);
 CREATE TABLE idempotency_keys (
     user_id          TEXT    NOT NULL,
     idem_key         TEXT    NOT NULL,
@@ -59,6 +65,8 @@ CREATE TABLE idempotency_keys (
     response_body    TEXT,
     created_at       INTEGER NOT NULL,
     locked_at        INTEGER NOT NULL,
+    -- Who holds the claim now: finish/abandon only by the holder.
+    owner            TEXT    NOT NULL,
     PRIMARY KEY (user_id, idem_key)
 );
 CREATE INDEX idempotency_keys_age ON idempotency_keys (created_at);
