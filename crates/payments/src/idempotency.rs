@@ -15,10 +15,9 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 pub const TTL: Duration = Duration::from_secs(24 * 3600);
-/// A claim not refreshed for this long is taken to be abandoned by a dead holder.
-const LEASE: Duration = Duration::from_secs(60);
-/// How often a running holder refreshes its claim.
-pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often a running holder refreshes its claim; the lease (how long an
+/// unrefreshed claim is believed) must be well above it.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
 const POLL: Duration = Duration::from_millis(20);
 
 /// A response to keep and replay.
@@ -70,6 +69,7 @@ pub async fn claim(
     key: &str,
     hash: &str,
     wait: Duration,
+    lease: Duration,
 ) -> Result<Claim, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     let owner = flowline_core::id::new_id().to_string();
@@ -122,7 +122,7 @@ pub async fn claim(
                 body,
             }));
         }
-        if locked < now.saturating_sub(LEASE).as_micros() {
+        if locked < now.saturating_sub(lease).as_micros() {
             // The first attempt's holder is gone: take the claim over.
             let took = flowline_store::on_pool!(write db, |p| sqlx::query(
                 "UPDATE idempotency_keys SET locked_at = $4, owner = $5

@@ -47,6 +47,9 @@ pub struct PaymentsConfig {
     pub provider_attempts: u32,
     /// How long a duplicate request waits for the first one with its key.
     pub idempotency_wait: Duration,
+    /// How long a claim on a key outlives its holder's last heartbeat before a
+    /// retry may take it over (the holder died mid-request).
+    pub idempotency_lease: Duration,
 }
 
 impl Default for PaymentsConfig {
@@ -56,6 +59,7 @@ impl Default for PaymentsConfig {
             provider_timeout: Duration::from_secs(5),
             provider_attempts: 3,
             idempotency_wait: Duration::from_secs(10),
+            idempotency_lease: Duration::from_secs(30),
         }
     }
 }

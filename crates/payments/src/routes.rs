@@ -70,7 +70,16 @@ where
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let hash = idempotency::request_hash(route, &bytes);
     let wait = pay.config().idempotency_wait;
-    let owner = match idempotency::claim(&pay.db, &who.user_id, &key, &hash, wait).await? {
+    let owner = match idempotency::claim(
+        &pay.db,
+        &who.user_id,
+        &key,
+        &hash,
+        wait,
+        pay.config().idempotency_lease,
+    )
+    .await?
+    {
         Claim::Replay(s) => return Ok(respond(s, true)),
         Claim::Run(owner) => owner,
     };

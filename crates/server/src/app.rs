@@ -323,7 +323,7 @@ impl App {
             )),
             tokio::spawn(reconcile_payments(
                 payments.clone(),
-                settings.payments.reconcile_interval.0,
+                settings.payments.clone(),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(retention(
@@ -494,17 +494,18 @@ async fn sweep_reservations(
 /// and forgets idempotency keys past their 24 hours.
 async fn reconcile_payments(
     payments: Arc<flowline_payments::Payments>,
-    every: std::time::Duration,
+    cfg: crate::config::PaymentSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(cfg.reconcile_interval.0) => {}
             _ = shutdown.changed() => return,
         }
-        let min_age = std::time::Duration::from_secs(30);
-        let give_up = std::time::Duration::from_secs(600);
-        match payments.reconcile(min_age, give_up).await {
+        match payments
+            .reconcile(cfg.reconcile_min_age.0, cfg.reconcile_give_up.0)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::info!(moved = n, "reconciled payments"),
             Err(e) => tracing::warn!(code = %e.0.code, "payment reconciliation failed"),

@@ -51,8 +51,16 @@ pub struct PaymentSettings {
     pub provider_attempts: u32,
     /// How long a request waits for an earlier one with its idempotency key.
     pub idempotency_wait: HumanDuration,
+    /// How long a key's claim outlives its holder's last heartbeat (a crash
+    /// mid-request) before a retry may take it over.
+    pub idempotency_lease: HumanDuration,
     /// How often payments and refunds left unresolved are driven forward.
     pub reconcile_interval: HumanDuration,
+    /// How old an unresolved payment or refund must be before the reconciler
+    /// touches it (younger ones may still be in their request).
+    pub reconcile_min_age: HumanDuration,
+    /// A payment the provider never saw is FAILED after this long.
+    pub reconcile_give_up: HumanDuration,
     /// Fraud rules: the sliding window of the velocity rules.
     pub fraud_velocity_window: HumanDuration,
     pub fraud_max_per_user: i64,
@@ -74,7 +82,10 @@ impl Default for PaymentSettings {
             provider_timeout: HumanDuration(c.provider_timeout),
             provider_attempts: c.provider_attempts,
             idempotency_wait: HumanDuration(c.idempotency_wait),
+            idempotency_lease: HumanDuration(c.idempotency_lease),
             reconcile_interval: HumanDuration(Duration::from_secs(30)),
+            reconcile_min_age: HumanDuration(Duration::from_secs(30)),
+            reconcile_give_up: HumanDuration(Duration::from_secs(600)),
             fraud_velocity_window: HumanDuration(f.velocity_window),
             fraud_max_per_user: f.max_per_user,
             fraud_max_per_card: f.max_per_card,
@@ -438,6 +449,9 @@ impl Settings {
         if self.payments.provider_attempts == 0 {
             bail!("invalid configuration key `payments.provider_attempts`: must be at least 1");
         }
+        if self.payments.idempotency_lease.0 < Duration::from_secs(1) {
+            bail!("invalid configuration key `payments.idempotency_lease`: at least 1s (claims are refreshed every 500ms)");
+        }
         if self.payments.provider_timeout.0.is_zero() {
             bail!("invalid configuration key `payments.provider_timeout`: must be positive");
         }
@@ -513,6 +527,7 @@ impl Settings {
             provider_timeout: p.provider_timeout.0,
             provider_attempts: p.provider_attempts,
             idempotency_wait: p.idempotency_wait.0,
+            idempotency_lease: p.idempotency_lease.0,
         }
     }
 

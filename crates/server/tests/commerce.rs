@@ -505,3 +505,87 @@ fn bad_input_gets_a_clear_problem_and_changes_nothing() {
     );
     assert_eq!(st, 201, "{a}");
 }
+
+#[test]
+fn a_crash_mid_payment_loses_nothing_and_charges_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let env = [
+        ("FLOWLINE__PAYMENTS__SANDBOX_LATENCY", "60ms"),
+        ("FLOWLINE__PAYMENTS__IDEMPOTENCY_LEASE", "1s"),
+        ("FLOWLINE__PAYMENTS__IDEMPOTENCY_WAIT", "3s"),
+        ("FLOWLINE__PAYMENTS__RECONCILE_INTERVAL", "200ms"),
+        ("FLOWLINE__PAYMENTS__RECONCILE_MIN_AGE", "1s"),
+        ("FLOWLINE__PAYMENTS__FRAUD_MAX_PER_USER", "1000"),
+        ("FLOWLINE__PAYMENTS__FRAUD_MAX_PER_CARD", "1000"),
+    ];
+    let s = Server::start(&data, &env);
+    let admin = admin_token(&s, &data);
+    let user = register(&s, "crash@example.com");
+    let card = tokenize(&s, &user, "4242424242424242");
+    let body = |i: usize| json!({ "order_id": format!("crash-{i}"), "amount": 1000 + i as i64, "currency": "BRL", "method": "card", "card_token": card });
+    const N: usize = 12;
+    // Payments in flight (each provider call takes 60 ms) when the process dies.
+    let base = s.url("");
+    let threads: Vec<_> = (0..N)
+        .map(|i| {
+            let (base, user, b) = (base.clone(), user.clone(), body(i));
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20 * i as u64));
+                let req = agent()
+                    .post(&format!("{base}/api/v1/payments"))
+                    .set("idempotency-key", &format!("k{i}"));
+                let req = req
+                    .set("authorization", &format!("Bearer {user}"))
+                    .set("content-type", "application/json");
+                match req.send_string(&b.to_string()) {
+                    Ok(r) => Some(r.status()),
+                    Err(ureq::Error::Status(st, _)) => Some(st),
+                    Err(_) => None, // the connection died with the server
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(250));
+    s.kill9();
+    let acked: Vec<Option<u16>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        acked.iter().any(Option::is_none),
+        "the crash should cut some payments short: {acked:?}"
+    );
+
+    // After a restart every retry with its key ends in one captured payment.
+    let s = Server::start(&data, &env);
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..N {
+        let mut answer = None;
+        wait_until("the retried payment", Duration::from_secs(20), || {
+            let (st, _, p) = pay(&s, &user, &format!("k{i}"), &body(i));
+            if st == 201 && p["status"] == "CAPTURED" {
+                answer = Some(p);
+                true
+            } else {
+                assert!(st == 201 || st == 202 || st == 409 || st == 502, "{st} {p}");
+                false
+            }
+        });
+        let p = answer.unwrap();
+        assert_eq!(p["amount"].as_i64(), Some(1000 + i as i64));
+        ids.insert(p["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), N, "one payment per key");
+    // The ledger books each exactly once: one invoice per payment, and the clearing
+    // account holds exactly what was captured.
+    let captured: i64 = (0..N as i64).map(|i| 1000 + i).sum();
+    let url = s.url("/api/v1/ledger/accounts/provider_clearing/balance");
+    wait_until("every capture booked", Duration::from_secs(20), || {
+        send(agent().get(&url), &admin, None).2["balances"][0]["balance"].as_i64() == Some(captured)
+    });
+    let (_, _, inv) = send(agent().get(&s.url("/api/v1/ledger/invoices")), &admin, None);
+    assert_eq!(inv["items"].as_array().unwrap().len(), N);
+    let (ok, out, err) = cli(
+        &["ledger", "verify", "--data-dir", data.to_str().unwrap()],
+        &[],
+    );
+    assert!(ok, "{out}{err}");
+}
