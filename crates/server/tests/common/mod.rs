@@ -33,6 +33,14 @@ pub fn base_env() -> Vec<(String, String)> {
     .collect()
 }
 
+/// A test server never outlives its test, even one that fails.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Server {
     pub fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(BIN);
