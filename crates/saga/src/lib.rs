@@ -19,6 +19,11 @@
 //!   expires, and the step that was running runs again. Participants must
 //!   therefore dedupe on `StepCtx::command_id`, which is the same on every
 //!   attempt and after any restart.
+//! - A timed-out attempt is aborted here, but a request it already sent may
+//!   still land at the participant after the compensation ran. Participants
+//!   should remember an applied `…:undo` and refuse its late `…:do`.
+//! - Leases are compared with each runner's clock: runners on several hosts
+//!   need clocks synchronised well within `SagaOptions::lease`.
 
 mod def;
 mod inspect;

@@ -1,6 +1,6 @@
 //! Claims due instances, runs their steps and records every transition.
 
-use crate::def::{SagaDef, SagaStatus, StepCtx};
+use crate::def::{BoxFuture, SagaDef, SagaStatus, StepCtx, StepError};
 use crate::metrics::SagaMetrics;
 use flowline_core::{Envelope, EventDraft, Timestamp};
 use flowline_store::outbox::{self, Relay};
@@ -283,14 +283,15 @@ impl Orchestrator {
                 // Every slot is busy: wait for one to free up.
                 tokio::select! {
                     _ = tasks.join_next() => {}
-                    _ = shutdown.changed() => {}
+                    r = shutdown.changed() => if r.is_err() { break },
                 }
                 continue;
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.opts.idle_poll) => {}
-                _ = shutdown.changed() => {}
+                // A dropped sender counts as shutdown (else this would spin).
+                r = shutdown.changed() => if r.is_err() { break },
             }
         }
         // In-flight instances finish their current step, then release their lease.
@@ -308,8 +309,21 @@ impl Orchestrator {
             Db::Postgres { .. } => " FOR UPDATE SKIP LOCKED",
             Db::Sqlite { .. } => "",
         };
-        let due = "status IN ('RUNNING', 'COMPENSATING') AND next_attempt_at <= $2 \
-                   AND (locked_until IS NULL OR locked_until <= $2)";
+        if self.defs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Only sagas this process can run: during a rolling deploy an older
+        // runner must not lease a newer saga it has no definition for.
+        let names = self
+            .defs
+            .keys()
+            .map(|n| format!("'{}'", n.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let due = format!(
+            "status IN ('RUNNING', 'COMPENSATING') AND next_attempt_at <= $2 \
+             AND (locked_until IS NULL OR locked_until <= $2) AND name IN ({names})"
+        );
         let sql = format!(
             "UPDATE saga_instances SET locked_until = $1, version = version + 1
              WHERE id IN (SELECT id FROM saga_instances WHERE {due}
@@ -323,7 +337,17 @@ impl Orchestrator {
             .bind(limit as i64)
             .fetch_all(p)
             .await)?;
-        rows.into_iter().map(Inst::from_row).collect()
+        // Row by row: one unreadable instance must not strand the batch.
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match Inst::from_row(r) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable saga instance left for its lease");
+                    None
+                }
+            })
+            .collect())
     }
 
     /// Takes one instance as far as it can go now.
@@ -332,6 +356,13 @@ impl Orchestrator {
             tracing::warn!(saga_id = %inst.id, saga = %inst.name, "no definition for saga; left for its lease");
             return;
         };
+        if *shutdown.borrow() {
+            // Claimed while shutdown began: hand it straight back.
+            if let Err(e) = self.release(&inst).await {
+                tracing::warn!(saga_id = %inst.id, error = %e, "saga lease release failed");
+            }
+            return;
+        }
         loop {
             let step = match inst.status {
                 SagaStatus::Running => self.step_forward(&def, &mut inst).await,
@@ -385,7 +416,7 @@ impl Orchestrator {
             results: inst.results.clone(),
         };
         let started = now_us();
-        let res = tokio::time::timeout(step.timeout, step.action.call(ctx)).await;
+        let res = guarded(step.timeout, step.action.call(ctx)).await;
         let finished = now_us();
         let mut record = Record {
             step: &step.name,
@@ -456,7 +487,13 @@ impl Orchestrator {
         // A definite refusal had no effect; a step that timed out or kept
         // failing may have had one, so it is compensated too (its
         // compensation must accept "nothing to undo").
-        let undo = if retryable { idx + 1 } else { idx };
+        // A refusal after an earlier timeout or failure is compensated too:
+        // that earlier attempt may have taken effect.
+        let undo = if retryable || attempt > 1 {
+            idx + 1
+        } else {
+            idx
+        };
         let reason = format!("{}: {}", step.name, message);
         next.status = SagaStatus::Compensating;
         next.failure = Some(reason.clone());
@@ -520,7 +557,7 @@ impl Orchestrator {
             results: inst.results.clone(),
         };
         let started = now_us();
-        let res = tokio::time::timeout(step.timeout, undo.call(ctx)).await;
+        let res = guarded(step.timeout, undo.call(ctx)).await;
         let finished = now_us();
         let mut record = Record {
             step: &step.name,
@@ -537,6 +574,9 @@ impl Orchestrator {
                 record.output = Some(serde_json::to_string(&output)?);
                 next.step_index = def.undo_from(left - 1);
                 next.attempt = 0;
+                // A compensation that went through ends the stuck episode, so
+                // a later one alerts again.
+                next.stuck = false;
                 let mut events = vec![(
                     "saga.step_compensated",
                     json!({"saga_id": inst.id, "saga": def.name, "step": step.name, "attempt": attempt}),
@@ -567,8 +607,8 @@ impl Orchestrator {
         record.status = error.0;
         record.error = Some(error.1.clone());
         // Compensations are retried until they succeed: giving up would leave
-        // the saga half-compensated.
-        let wait = step.retry.backoff(attempt);
+        // the saga half-compensated. Never faster than the idle poll.
+        let wait = step.retry.backoff(attempt).max(self.opts.idle_poll);
         next.attempt = attempt;
         next.next_at = now_us().saturating_add(micros(wait));
         let mut events = vec![];
@@ -755,4 +795,22 @@ async fn insert_record(tx: &mut Tx, saga_id: &str, r: &Record<'_>) -> Result<(),
     .await
     .map(|r| r.rows_affected()))?;
     Ok(())
+}
+
+/// Runs a step's future on its own task under `timeout`: a panic becomes a
+/// retryable failure (counted like any other, so it cannot loop unseen), and
+/// a step past its timeout is aborted rather than left running.
+async fn guarded(
+    timeout: Duration,
+    fut: BoxFuture<'static, Result<Value, StepError>>,
+) -> Result<Result<Value, StepError>, tokio::time::error::Elapsed> {
+    let mut task = tokio::spawn(fut);
+    match tokio::time::timeout(timeout, &mut task).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Ok(Err(StepError::retryable(format!("step failed: {e}")))),
+        Err(elapsed) => {
+            task.abort();
+            Err(elapsed)
+        }
+    }
 }

@@ -525,7 +525,8 @@ async fn a_failing_compensation_is_flagged_stuck_once_and_still_finishes() {
         // No longer stuck now that it finished.
         assert_eq!(orch.metrics().stuck.get(), 0);
         let d = orch.get("s5").await.unwrap().unwrap();
-        assert!(d.summary.stuck);
+        // The compensation went through: the stuck episode is over.
+        assert!(!d.summary.stuck);
         let undo: Vec<_> = d
             .timeline
             .iter()
@@ -664,5 +665,65 @@ async fn two_runners_never_run_one_instance_at_once() {
         // Without crashes every step ran exactly once.
         assert_eq!(calls.load(Ordering::SeqCst), 60);
         assert_eq!(orch1.list(Some("COMPLETED"), 100).await.unwrap().len(), 20);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_is_a_failed_attempt_and_a_refusal_after_a_timeout_is_undone() {
+    for b in backends() {
+        let quick = RetryPolicy {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(10),
+        };
+        let panics_once = Step::new("pay", |ctx: StepCtx| async move {
+            if ctx.attempt == 1 {
+                panic!("a bug in the step");
+            }
+            Ok(json!("ok"))
+        })
+        .retry(quick);
+        // Attempt 1 times out (it may have charged), attempt 2 is refused.
+        let undo: Log = Arc::default();
+        let then_refused = Step::new("pay", |ctx: StepCtx| async move {
+            if ctx.attempt == 1 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Err(StepError::fatal("token already used"))
+        })
+        .timeout(Duration::from_millis(100))
+        .retry(quick)
+        .compensate(recording(&undo, "undo".into()));
+        let defs = vec![
+            SagaDef::new("panics", vec![panics_once]),
+            SagaDef::new(
+                "refused",
+                vec![
+                    ok_step("reserve").compensate(recording(&undo, "undo".into())),
+                    then_refused,
+                ],
+            ),
+        ];
+        let (orch, db) = open(&b, defs, opts()).await;
+        let runner = spawn(&orch);
+        start(&orch, &db, "panics", "p1", json!({})).await;
+        start(&orch, &db, "refused", "p2", json!({})).await;
+        assert_eq!(
+            wait_end(&orch, "p1", Duration::from_secs(5)).await,
+            SagaStatus::Completed
+        );
+        assert_eq!(
+            wait_end(&orch, "p2", Duration::from_secs(5)).await,
+            SagaStatus::Compensated
+        );
+        runner.stop().await;
+        let d = orch.get("p1").await.unwrap().unwrap();
+        let tl: Vec<_> = d.timeline.iter().map(|t| t.status.as_str()).collect();
+        assert_eq!(tl, ["failed", "ok"]);
+        // The refused step is undone too: its timed-out first attempt may have taken effect.
+        assert_eq!(
+            *undo.lock().unwrap(),
+            ["undo p2:pay:undo", "undo p2:reserve:undo"]
+        );
     }
 }
