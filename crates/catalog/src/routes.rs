@@ -1,13 +1,13 @@
 //! HTTP for the catalog: public reads, admin writes with `If-Match`.
 
 use crate::{Catalog, ListQuery, NewProduct, Product, ProductPatch};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use flowline_core::{ErrorCode, Problem};
-use flowline_http::{ApiError, ApiJson, ProblemDoc, RequestContext};
+use flowline_http::{ApiError, ApiJson, ApiQuery, ProblemDoc, RequestContext};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -76,11 +76,8 @@ pub struct ListParams {
         (status = 400, description = "Bad parameter (named)", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn list(
     State(c): State<Arc<Catalog>>,
-    q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(q) = q.map_err(|e| {
-        ApiError::from(Problem::new(ErrorCode::MalformedRequest).with_detail(e.body_text()))
-    })?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(Problem::new(ErrorCode::MalformedRequest)

@@ -30,6 +30,26 @@ pub struct RequestContext {
     pub request_id: String,
 }
 
+impl RequestContext {
+    /// For work no request caused (sweepers, reconcilers, CLI commands): a
+    /// fresh correlation id.
+    pub fn detached() -> RequestContext {
+        RequestContext {
+            correlation_id: flowline_core::id::new_correlation_id(),
+            request_id: flowline_core::id::new_id().to_string(),
+        }
+    }
+
+    /// For work an event caused: its correlation id carries on, and the
+    /// event is the cause of what follows.
+    pub fn caused_by(event: &flowline_core::Envelope) -> RequestContext {
+        RequestContext {
+            correlation_id: event.correlation_id.clone(),
+            request_id: event.id.to_string(),
+        }
+    }
+}
+
 /// The problem+json body, as documented in OpenAPI (mirrors `flowline_core::Problem`).
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 #[schema(title = "Problem")]
@@ -151,6 +171,29 @@ where
                 };
                 Err(Problem::new(code).with_detail(rej.body_text()).into())
             }
+        }
+    }
+}
+
+/// Query-string extractor whose rejections are `malformed_request` problems.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(Problem::new(ErrorCode::MalformedRequest)
+                .with_detail(e.body_text())
+                .into()),
         }
     }
 }

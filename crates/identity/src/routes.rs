@@ -152,10 +152,7 @@ pub async fn require_role_admin(
                 .extensions()
                 .get::<RequestContext>()
                 .cloned()
-                .unwrap_or_else(|| RequestContext {
-                    correlation_id: flowline_core::id::new_correlation_id(),
-                    request_id: flowline_core::id::new_id().to_string(),
-                });
+                .unwrap_or_else(RequestContext::detached);
             let user = other.map(|p| p.user_id).unwrap_or_default();
             state
                 .identity

@@ -508,32 +508,7 @@ impl Inventory {
                 s => Err(wrong_state(order_id, s)),
             };
         };
-        for it in &r.items {
-            let wh = it.warehouse.as_deref().unwrap_or(DEFAULT_WAREHOUSE);
-            flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-                "UPDATE stock SET on_hand = on_hand - $3, reserved = reserved - $3,
-                    version = version + 1, updated_at = $4
-                 WHERE product_id = $1 AND warehouse = $2"
-            )
-            .bind(&it.product_id)
-            .bind(wh)
-            .bind(it.quantity)
-            .bind(now)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))
-            .map_err(StoreError::from)?;
-            movement(
-                &mut tx,
-                &it.product_id,
-                wh,
-                "confirmed",
-                -it.quantity,
-                order_id,
-                now,
-            )
-            .await?;
-        }
+        take_back(&mut tx, &r.items, true, "confirmed", order_id, now).await?;
         self.emit(
             &mut tx,
             ctx,
@@ -573,8 +548,8 @@ impl Inventory {
     /// Releases every held reservation past its TTL; returns how many.
     pub async fn expire_due(&self) -> Result<usize, ApiError> {
         let now = Timestamp::now().as_micros();
-        let due: Vec<(String, String)> = flowline_store::on_pool!(&self.db, |p| sqlx::query_as(
-            "SELECT order_id, status FROM reservations
+        let due: Vec<String> = flowline_store::on_pool!(&self.db, |p| sqlx::query_scalar(
+            "SELECT order_id FROM reservations
              WHERE status = 'HELD' AND expires_at < $1 ORDER BY expires_at LIMIT 500"
         )
         .bind(now)
@@ -582,11 +557,8 @@ impl Inventory {
         .await)
         .map_err(StoreError::from)?;
         let mut n = 0;
-        for (order_id, _) in due {
-            let ctx = RequestContext {
-                correlation_id: flowline_core::id::new_correlation_id(),
-                request_id: flowline_core::id::new_id().to_string(),
-            };
+        for order_id in due {
+            let ctx = RequestContext::detached();
             match self
                 .finish(&ctx, &order_id, ReservationStatus::Expired)
                 .await
@@ -620,31 +592,7 @@ impl Inventory {
             ReservationStatus::Expired => "expired",
             _ => "released",
         };
-        for it in &r.items {
-            let wh = it.warehouse.as_deref().unwrap_or(DEFAULT_WAREHOUSE);
-            flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-                "UPDATE stock SET reserved = reserved - $3, version = version + 1, updated_at = $4
-                 WHERE product_id = $1 AND warehouse = $2"
-            )
-            .bind(&it.product_id)
-            .bind(wh)
-            .bind(it.quantity)
-            .bind(now)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))
-            .map_err(StoreError::from)?;
-            movement(
-                &mut tx,
-                &it.product_id,
-                wh,
-                reason,
-                -it.quantity,
-                order_id,
-                now,
-            )
-            .await?;
-        }
+        take_back(&mut tx, &r.items, false, reason, order_id, now).await?;
         let kind = match to {
             ReservationStatus::Expired => "inventory.reservation_expired",
             _ => "inventory.reservation_released",
@@ -777,6 +725,36 @@ fn wrong_state(order_id: &str, s: ReservationStatus) -> ApiError {
             s.as_str()
         ))
         .into()
+}
+
+/// Ends a hold on `items`: the units leave `reserved`, and with `deduct`
+/// leave `on_hand` too (a sale); each item gets its movement.
+async fn take_back(
+    tx: &mut Tx,
+    items: &[ReserveItem],
+    deduct: bool,
+    reason: &str,
+    order_id: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    for it in items {
+        let wh = it.warehouse.as_deref().unwrap_or(DEFAULT_WAREHOUSE);
+        flowline_store::on_tx!(&mut *tx, |c| sqlx::query(
+            "UPDATE stock SET on_hand = on_hand - $4, reserved = reserved - $3,
+                version = version + 1, updated_at = $5
+             WHERE product_id = $1 AND warehouse = $2"
+        )
+        .bind(&it.product_id)
+        .bind(wh)
+        .bind(it.quantity)
+        .bind(if deduct { it.quantity } else { 0 })
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        movement(tx, &it.product_id, wh, reason, -it.quantity, order_id, now).await?;
+    }
+    Ok(())
 }
 
 async fn movement(

@@ -2,12 +2,12 @@
 //! for admins and services (the order saga calls the same methods in-process).
 
 use crate::{Inventory, Movement, Reservation, ReserveRequest, SetStock, StockLevel};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use flowline_core::{ErrorCode, Problem};
-use flowline_http::{ApiError, ApiJson, ProblemDoc, RequestContext};
+use flowline_http::{ApiError, ApiJson, ApiQuery, ProblemDoc, RequestContext};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -67,11 +67,8 @@ pub struct MovementParams {
 pub async fn movements(
     State(inv): State<Arc<Inventory>>,
     Path(id): Path<String>,
-    q: Result<Query<MovementParams>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(q): ApiQuery<MovementParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(q) = q.map_err(|e| {
-        ApiError::from(Problem::new(ErrorCode::MalformedRequest).with_detail(e.body_text()))
-    })?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(Problem::new(ErrorCode::MalformedRequest)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 struct Env {
     inv: Arc<Inventory>,
-    log: EventLog,
+    _log: EventLog,
     _dir: tempfile::TempDir,
 }
 
@@ -43,7 +43,7 @@ async fn envs() -> Vec<Env> {
             .unwrap();
         v.push(Env {
             inv: Arc::new(inv),
-            log,
+            _log: log,
             _dir: dir,
         });
     }
@@ -111,7 +111,6 @@ async fn the_last_units_go_to_exactly_as_many_orders_as_there_are_units() {
         }
         let level = inv.level_now("hot").await.unwrap();
         assert_eq!((level.on_hand, level.reserved, level.available), (0, 0, 0));
-        let _ = env.log;
     }
 }
 

@@ -2,13 +2,12 @@
 //! the gateway's authentication and admin steps.
 
 use crate::{AccountBalance, Entry, Invoice, Ledger, NewEntry, CHART};
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use flowline_core::{ErrorCode, Problem, Timestamp};
-use flowline_http::{ApiError, ApiJson, ProblemDoc, RequestContext};
+use flowline_http::{ApiError, ApiJson, ApiQuery, ProblemDoc, RequestContext};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -20,12 +19,6 @@ pub fn routes<S: Clone + Send + Sync + 'static>(ledger: Arc<Ledger>) -> Router<S
         .route("/ledger/invoices", get(list_invoices))
         .route("/ledger/invoices/{number}", get(read_invoice))
         .with_state(ledger)
-}
-
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(q)| q).map_err(|e| {
-        ApiError::from(Problem::new(ErrorCode::MalformedRequest).with_detail(e.body_text()))
-    })
 }
 
 #[utoipa::path(post, path = "/api/v1/ledger/entries", tag = "ledger", security(("bearer" = [])), request_body = NewEntry,
@@ -65,9 +58,8 @@ pub struct EntriesParams {
         (status = 403, description = "Not an admin", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn list_entries(
     State(l): State<Arc<Ledger>>,
-    q: Result<Query<EntriesParams>, QueryRejection>,
+    ApiQuery(q): ApiQuery<EntriesParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let q = query(q)?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(Problem::new(ErrorCode::MalformedRequest)
@@ -109,9 +101,8 @@ pub struct BalanceParams {
 pub async fn balance(
     State(l): State<Arc<Ledger>>,
     Path(id): Path<String>,
-    q: Result<Query<BalanceParams>, QueryRejection>,
+    ApiQuery(q): ApiQuery<BalanceParams>,
 ) -> Result<Json<AccountBalance>, ApiError> {
-    let q = query(q)?;
     let as_of = q
         .as_of
         .map(|s| {
@@ -141,9 +132,8 @@ pub struct InvoicesParams {
         (status = 403, description = "Not an admin", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn list_invoices(
     State(l): State<Arc<Ledger>>,
-    q: Result<Query<InvoicesParams>, QueryRejection>,
+    ApiQuery(q): ApiQuery<InvoicesParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let q = query(q)?;
     let items = l.invoices(q.payment_id.as_deref()).await?;
     Ok(Json(serde_json::json!({ "items": items })))
 }

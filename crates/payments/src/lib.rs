@@ -392,17 +392,11 @@ impl Payments {
 
     async fn find(&self, id: &str) -> Result<Option<Payment>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM transactions WHERE id = $1");
-        self.find_by(&sql, &[id]).await
-    }
-
-    async fn find_by(&self, sql: &str, binds: &[&str]) -> Result<Option<Payment>, StoreError> {
-        let row = flowline_store::on_pool!(write & self.db, |p| {
-            let mut q = sqlx::query(sql);
-            for b in binds {
-                q = q.bind(*b);
-            }
-            q.fetch_optional(p).await.map(|r| r.as_ref().map(decode))
-        })?;
+        let row = flowline_store::on_pool!(write & self.db, |p| sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(p)
+            .await
+            .map(|r| r.as_ref().map(decode)))?;
         row.transpose()?.map(payment).transpose()
     }
 
@@ -1081,19 +1075,13 @@ impl Payments {
             .await
             .map(|r| r.rows_affected()))
             .map_err(StoreError::from)?;
-            let ctx = RequestContext {
-                correlation_id: flowline_core::id::new_correlation_id(),
-                request_id: flowline_core::id::new_id().to_string(),
-            };
+            let ctx = RequestContext::detached();
             let was = p.status;
             let stale = Timestamp::parse_rfc3339(&p.created_at)
                 .map(|t| t < now.saturating_sub(give_up))
                 .unwrap_or(false);
-            let q = match self.get(&p.id).await {
-                Ok(fresh) => self.advance(&ctx, fresh).await,
-                Err(e) => Err(e),
-            };
-            let q = match q {
+            // The touch above left the version alone, so `p` is still current.
+            let q = match self.advance(&ctx, p.clone()).await {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::warn!(payment_id = %p.id, code = %e.0.code, "reconcile could not advance a payment");
@@ -1134,10 +1122,7 @@ impl Payments {
             .await)
             .map_err(StoreError::from)?;
         for (refund_id, payment_id, amount, tax) in refunds {
-            let ctx = RequestContext {
-                correlation_id: flowline_core::id::new_correlation_id(),
-                request_id: flowline_core::id::new_id().to_string(),
-            };
+            let ctx = RequestContext::detached();
             match self
                 .settle_refund(&ctx, &payment_id, &refund_id, amount, tax)
                 .await

@@ -2,11 +2,11 @@
 //! cached until the index changes.
 
 use crate::{SearchIndex, SearchQuery, SearchResult, Sort};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use flowline_core::{ErrorCode, Problem};
-use flowline_http::{ApiError, ProblemDoc};
+use flowline_http::{ApiError, ApiQuery, ProblemDoc};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -148,11 +148,8 @@ struct SearchParams {
         (status = 400, description = "A malformed or unknown parameter (named)", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn search(
     State(s): State<SearchState>,
-    params: Result<Query<BTreeMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(params): ApiQuery<BTreeMap<String, String>>,
 ) -> Result<Json<Arc<SearchResult>>, ApiError> {
-    let Query(params) = params.map_err(|e| {
-        ApiError::from(Problem::new(ErrorCode::MalformedRequest).with_detail(e.body_text()))
-    })?;
     let sq = parse(&params)?;
     let key = format!(
         "search:{}",

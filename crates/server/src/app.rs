@@ -460,10 +460,7 @@ impl Handler for StockFollower {
             .map_err(HandlerError::transient)?
             .available
             > 0;
-        let ctx = flowline_http::RequestContext {
-            correlation_id: ev.envelope.correlation_id.clone(),
-            request_id: ev.envelope.id.to_string(),
-        };
+        let ctx = flowline_http::RequestContext::caused_by(&ev.envelope);
         self.0
             .set_in_stock(&ctx, id, in_stock)
             .await

@@ -237,10 +237,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let log = open_log(&settings).await?;
             let identity = crate::app::open_identity(&settings, &log).await?;
-            let ctx = flowline_http::RequestContext {
-                correlation_id: flowline_core::id::new_correlation_id(),
-                request_id: flowline_core::id::new_id().to_string(),
-            };
+            let ctx = flowline_http::RequestContext::detached();
             let user = identity
                 .create_user(&ctx, &email, &password, &name, admin)
                 .await
