@@ -32,6 +32,9 @@ pub struct Address {
     pub postal_code: String,
     /// ISO 3166-1 alpha-2, e.g. `BR`.
     pub country: String,
+    /// WGS 84 degrees, when known: delivery routes are planned with them.
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
     pub created_at: String,
 }
 
@@ -58,6 +61,10 @@ pub struct NewAddress {
     /// ISO 3166-1 alpha-2, upper case (`BR`, `US`).
     #[schema(required = true)]
     pub country: String,
+    /// -90 to 90; given together with `longitude`.
+    pub latitude: Option<f64>,
+    /// -180 to 180.
+    pub longitude: Option<f64>,
 }
 
 /// Trims and checks every field, naming each bad one.
@@ -92,6 +99,8 @@ fn validate(a: NewAddress) -> Result<NewAddress, ApiError> {
             .filter(|s| !s.is_empty()),
         postal_code: a.postal_code.trim().to_owned(),
         country: a.country,
+        latitude: a.latitude,
+        longitude: a.longitude,
     };
     text("name", &a.name, 1, 100);
     text("line1", &a.line1, 1, 200);
@@ -117,6 +126,19 @@ fn validate(a: NewAddress) -> Result<NewAddress, ApiError> {
             "an ISO 3166-1 alpha-2 code in upper case, e.g. BR",
         );
     }
+    match (a.latitude, a.longitude) {
+        (None, None) => {}
+        (Some(lat), Some(lon)) => {
+            if !(-90.0..=90.0).contains(&lat) {
+                p = p.with_field("latitude", "-90 to 90");
+            }
+            if !(-180.0..=180.0).contains(&lon) {
+                p = p.with_field("longitude", "-180 to 180");
+            }
+        }
+        (None, Some(_)) => p = p.with_field("latitude", "give both coordinates or neither"),
+        (Some(_), None) => p = p.with_field("longitude", "give both coordinates or neither"),
+    }
     if p.errors.is_empty() {
         Ok(a)
     } else {
@@ -134,11 +156,13 @@ type Row = (
     Option<String>,
     String,
     String,
+    Option<f64>,
+    Option<f64>,
     i64,
 );
 
-const COLUMNS: &str =
-    "id, user_id, name, line1, line2, city, region, postal_code, country, created_at";
+const COLUMNS: &str = "id, user_id, name, line1, line2, city, region, postal_code, country, \
+    latitude, longitude, created_at";
 
 fn address(r: Row) -> Address {
     Address {
@@ -151,7 +175,9 @@ fn address(r: Row) -> Address {
         region: r.6,
         postal_code: r.7,
         country: r.8,
-        created_at: Timestamp::from_micros(r.9).to_rfc3339(),
+        latitude: r.9,
+        longitude: r.10,
+        created_at: Timestamp::from_micros(r.11).to_rfc3339(),
     }
 }
 
@@ -189,7 +215,7 @@ impl Carts {
                 .into());
         }
         let sql = format!(
-            "INSERT INTO addresses ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+            "INSERT INTO addresses ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         );
         flowline_store::on_tx!(&mut tx, |c| sqlx::query(&sql)
             .bind(&id)
@@ -201,6 +227,8 @@ impl Carts {
             .bind(a.region.as_deref())
             .bind(&a.postal_code)
             .bind(&a.country)
+            .bind(a.latitude)
+            .bind(a.longitude)
             .bind(now.as_micros())
             .execute(c)
             .await
@@ -217,6 +245,8 @@ impl Carts {
             region: a.region,
             postal_code: a.postal_code,
             country: a.country,
+            latitude: a.latitude,
+            longitude: a.longitude,
             created_at: now.to_rfc3339(),
         })
     }

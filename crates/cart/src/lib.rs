@@ -27,13 +27,22 @@ pub const MAX_QUANTITY: i64 = 99;
 /// Distinct products a cart may hold: every read prices each line.
 pub const MAX_LINES: i64 = 50;
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    scope: "cart",
-    version: 1,
-    name: "carts_addresses",
-    sqlite: include_str!("../migrations/sqlite/0001_carts.sql"),
-    postgres: include_str!("../migrations/postgres/0001_carts.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        scope: "cart",
+        version: 1,
+        name: "carts_addresses",
+        sqlite: include_str!("../migrations/sqlite/0001_carts.sql"),
+        postgres: include_str!("../migrations/postgres/0001_carts.sql"),
+    },
+    Migration {
+        scope: "cart",
+        version: 2,
+        name: "checkout_reference_and_coordinates",
+        sqlite: include_str!("../migrations/sqlite/0002_checkout_ref.sql"),
+        postgres: include_str!("../migrations/postgres/0002_checkout_ref.sql"),
+    },
+];
 
 const OPEN: &str = "open";
 const CHECKED_OUT: &str = "checked_out";
@@ -392,15 +401,19 @@ impl Carts {
     /// Closes the cart for the order it becomes: refused (422) when empty, and
     /// (409) when a line is unavailable or the cart changed meanwhile. Returns
     /// the cart as priced at checkout.
+    ///
+    /// `reference` names the checkout (the order's idempotency key): a retry
+    /// with the same reference gets the same cart back, priced as it was.
     pub async fn checkout(
         &self,
         ctx: &RequestContext,
         user_id: &str,
         cart_id: &str,
+        reference: &str,
     ) -> Result<CartView, ApiError> {
         let cart = self.load(user_id, cart_id).await?;
         if cart.status != OPEN {
-            return Err(checked_out());
+            return self.checked_out_as(user_id, cart_id, reference).await;
         }
         let version = cart.version;
         let mut view = self.price(cart).await?;
@@ -420,11 +433,15 @@ impl Carts {
             return Err(p.into());
         }
         let now = Timestamp::now();
+        view.status = CHECKED_OUT.to_owned();
+        view.updated_at = now.to_rfc3339();
+        let stored = serde_json::to_string(&view).map_err(StoreError::from)?;
         let mut tx = self.db.begin().await?;
         // Only the version priced above: a concurrent change means the buyer
         // has not seen what would be ordered.
         let n = flowline_store::on_tx!(&mut tx, |c| sqlx::query(
-            "UPDATE carts SET status = $3, version = version + 1, updated_at = $4
+            "UPDATE carts SET status = $3, version = version + 1, updated_at = $4,
+                checkout_ref = $7, checkout_view = $8
              WHERE id = $1 AND user_id = $2 AND status = $5 AND version = $6"
         )
         .bind(cart_id)
@@ -433,6 +450,8 @@ impl Carts {
         .bind(now.as_micros())
         .bind(OPEN)
         .bind(version)
+        .bind(reference)
+        .bind(&stored)
         .execute(c)
         .await
         .map(|r| r.rows_affected()))
@@ -440,15 +459,15 @@ impl Carts {
         if n == 0 {
             tx.rollback().await?;
             return Err(match self.load(user_id, cart_id).await {
-                Ok(c) if c.status != OPEN => checked_out(),
+                Ok(c) if c.status != OPEN => {
+                    return self.checked_out_as(user_id, cart_id, reference).await
+                }
                 Ok(_) => Problem::new(ErrorCode::Conflict)
                     .with_detail("the cart changed during checkout; review it and retry")
                     .into(),
                 Err(e) => e,
             });
         }
-        view.status = CHECKED_OUT.to_owned();
-        view.updated_at = now.to_rfc3339();
         let lines: Vec<_> = view
             .items
             .iter()
@@ -466,6 +485,30 @@ impl Carts {
         tx.commit().await?;
         self.relay.notify();
         Ok(view)
+    }
+
+    /// A closed cart: what its checkout answered, if `reference` closed it.
+    async fn checked_out_as(
+        &self,
+        user_id: &str,
+        cart_id: &str,
+        reference: &str,
+    ) -> Result<CartView, ApiError> {
+        let row: Option<(Option<String>, Option<String>)> =
+            flowline_store::on_pool!(write & self.db, |p| sqlx::query_as(
+                "SELECT checkout_ref, checkout_view FROM carts WHERE id = $1 AND user_id = $2"
+            )
+            .bind(cart_id)
+            .bind(user_id)
+            .fetch_optional(p)
+            .await)
+            .map_err(StoreError::from)?;
+        match row {
+            Some((Some(r), Some(view))) if r == reference => {
+                Ok(serde_json::from_str(&view).map_err(StoreError::from)?)
+            }
+            _ => Err(checked_out()),
+        }
     }
 
     /// The cart and its lines in one statement (one snapshot).

@@ -14,6 +14,8 @@ fn home() -> NewAddress {
         region: Some("SP".into()),
         postal_code: "01310-100".into(),
         country: "BR".into(),
+        latitude: Some(-23.561),
+        longitude: Some(-46.656),
     }
 }
 
@@ -29,6 +31,8 @@ async fn addresses_are_validated_kept_listed_and_deleted() {
             region: Some("r".repeat(101)),
             postal_code: "01310_100".into(),
             country: "br".into(),
+            latitude: Some(91.0),
+            longitude: Some(-181.0),
         };
         let e = c.add_address("u1", bad).await.unwrap_err();
         assert_eq!(e.0.code, "validation_failed", "{n}");
@@ -41,7 +45,9 @@ async fn addresses_are_validated_kept_listed_and_deleted() {
                 "city",
                 "region",
                 "postal_code",
-                "country"
+                "country",
+                "latitude",
+                "longitude"
             ],
             "{n}"
         );

@@ -261,7 +261,9 @@ async fn another_users_cart_is_not_found() {
             c.remove_item(&ctx(), "thief", &cart.id, "a")
                 .await
                 .unwrap_err(),
-            c.checkout(&ctx(), "thief", &cart.id).await.unwrap_err(),
+            c.checkout(&ctx(), "thief", &cart.id, "ref-1")
+                .await
+                .unwrap_err(),
             c.view("owner", "no-such-cart").await.unwrap_err(),
         ];
         for e in errs {
@@ -279,7 +281,10 @@ async fn checkout_closes_a_cart_whose_items_are_all_available() {
         env.prices.set("a", 1000, "BRL", true);
         env.prices.set("b", 500, "BRL", true);
         let cart = c.create(&ctx(), "u1").await.unwrap();
-        let e = c.checkout(&ctx(), "u1", &cart.id).await.unwrap_err();
+        let e = c
+            .checkout(&ctx(), "u1", &cart.id, "ref-1")
+            .await
+            .unwrap_err();
         assert_eq!(
             (e.0.status, fields(&e)),
             (422, vec!["items".to_owned()]),
@@ -293,7 +298,10 @@ async fn checkout_closes_a_cart_whose_items_are_all_available() {
             .await
             .unwrap();
         env.prices.set("b", 500, "BRL", false);
-        let e = c.checkout(&ctx(), "u1", &cart.id).await.unwrap_err();
+        let e = c
+            .checkout(&ctx(), "u1", &cart.id, "ref-1")
+            .await
+            .unwrap_err();
         assert_eq!(
             (e.0.status, fields(&e)),
             (409, vec!["items.b".to_owned()]),
@@ -301,7 +309,7 @@ async fn checkout_closes_a_cart_whose_items_are_all_available() {
         );
         env.prices.remove("b");
         assert_eq!(
-            c.checkout(&ctx(), "u1", &cart.id)
+            c.checkout(&ctx(), "u1", &cart.id, "ref-1")
                 .await
                 .unwrap_err()
                 .0
@@ -310,8 +318,13 @@ async fn checkout_closes_a_cart_whose_items_are_all_available() {
         );
         c.remove_item(&ctx(), "u1", &cart.id, "b").await.unwrap();
 
-        let v = c.checkout(&ctx(), "u1", &cart.id).await.unwrap();
+        let v = c.checkout(&ctx(), "u1", &cart.id, "ref-1").await.unwrap();
         assert_eq!(v.status, "checked_out", "{n}");
+        // A retry with the same reference gets the same cart, priced as then,
+        // even after the catalog's price changed.
+        env.prices.set("a", 9999, "BRL", true);
+        let again = c.checkout(&ctx(), "u1", &cart.id, "ref-1").await.unwrap();
+        assert_eq!(again, v, "{n}");
         assert_eq!(v.subtotal.unwrap().amount, 2000);
         assert_eq!(c.view("u1", &cart.id).await.unwrap().status, "checked_out");
         let evs = events(&c.db).await;
@@ -335,7 +348,9 @@ async fn checkout_closes_a_cart_whose_items_are_all_available() {
             c.remove_item(&ctx(), "u1", &cart.id, "a")
                 .await
                 .unwrap_err(),
-            c.checkout(&ctx(), "u1", &cart.id).await.unwrap_err(),
+            c.checkout(&ctx(), "u1", &cart.id, "ref-2")
+                .await
+                .unwrap_err(),
         ];
         for e in errs {
             assert_eq!((e.0.status, e.0.code), (409, "invalid_state"), "{n}");

@@ -94,6 +94,8 @@ pub enum ReservationStatus {
     Confirmed,
     Released,
     Expired,
+    /// Confirmed, then given back to stock (an order cancelled after payment).
+    Returned,
 }
 
 impl ReservationStatus {
@@ -103,6 +105,7 @@ impl ReservationStatus {
             ReservationStatus::Confirmed => "CONFIRMED",
             ReservationStatus::Released => "RELEASED",
             ReservationStatus::Expired => "EXPIRED",
+            ReservationStatus::Returned => "RETURNED",
         }
     }
 
@@ -112,6 +115,7 @@ impl ReservationStatus {
             "CONFIRMED" => ReservationStatus::Confirmed,
             "RELEASED" => ReservationStatus::Released,
             "EXPIRED" => ReservationStatus::Expired,
+            "RETURNED" => ReservationStatus::Returned,
             other => {
                 return Err(StoreError::CorruptEvent(format!(
                     "reservation status {other}"
@@ -385,6 +389,12 @@ impl Inventory {
         if inserted == 0 {
             tx.rollback().await?;
             let existing = self.reservation(&req.order_id).await?;
+            if !matches!(
+                existing.status,
+                ReservationStatus::Held | ReservationStatus::Confirmed
+            ) {
+                return Err(wrong_state(&req.order_id, existing.status));
+            }
             if existing.items != items {
                 return Err(Problem::new(ErrorCode::Conflict)
                     .with_detail("this order already holds a reservation with other items")
@@ -525,24 +535,118 @@ impl Inventory {
 
     /// Returns a held reservation's units. Releasing twice (or after expiry)
     /// is a no-op; a confirmed reservation is not released (the goods are sold).
+    ///
+    /// Releasing an order that holds nothing records an empty RELEASED
+    /// reservation: a compensation may run before its reserve command lands
+    /// (a timed-out step), and that late command must then hold nothing.
     pub async fn release(
         &self,
         ctx: &RequestContext,
         order_id: &str,
     ) -> Result<Reservation, ApiError> {
-        match self
+        if let Some(r) = self
             .finish(ctx, order_id, ReservationStatus::Released)
             .await?
         {
-            Some(r) => Ok(r),
-            None => {
-                let r = self.reservation(order_id).await?;
-                match r.status {
-                    ReservationStatus::Released | ReservationStatus::Expired => Ok(r),
-                    s => Err(wrong_state(order_id, s)),
-                }
-            }
+            return Ok(r);
         }
+        let now = Timestamp::now().as_micros();
+        flowline_store::on_pool!(write & self.db, |p| sqlx::query(
+            "INSERT INTO reservations (order_id, status, items, expires_at, created_at, updated_at)
+             VALUES ($1, 'RELEASED', '[]', $2, $2, $2) ON CONFLICT (order_id) DO NOTHING"
+        )
+        .bind(order_id)
+        .bind(now)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))
+        .map_err(StoreError::from)?;
+        let r = self.reservation(order_id).await?;
+        match r.status {
+            // Returned: sold, then given back; nothing is held any more.
+            ReservationStatus::Released
+            | ReservationStatus::Expired
+            | ReservationStatus::Returned => Ok(r),
+            // Held again only if the TTL passed meanwhile: finish it as expired.
+            ReservationStatus::Held => {
+                self.finish(ctx, order_id, ReservationStatus::Expired)
+                    .await?;
+                self.reservation(order_id).await
+            }
+            s => Err(wrong_state(order_id, s)),
+        }
+    }
+
+    /// Puts a confirmed reservation's units back on hand (an order cancelled
+    /// after it was paid, before it shipped). Twice is a no-op; anything
+    /// never confirmed has nothing to return and is released instead.
+    pub async fn return_stock(
+        &self,
+        ctx: &RequestContext,
+        order_id: &str,
+    ) -> Result<Reservation, ApiError> {
+        let now = Timestamp::now().as_micros();
+        let mut tx = self.db.begin().await?;
+        let row: Option<ReservationRow> = flowline_store::on_tx!(&mut tx, |c| sqlx::query_as(
+            "UPDATE reservations SET status = 'RETURNED', updated_at = $2
+             WHERE order_id = $1 AND status = 'CONFIRMED'
+             RETURNING order_id, status, items, expires_at, created_at, updated_at"
+        )
+        .bind(order_id)
+        .bind(now)
+        .fetch_optional(c)
+        .await)
+        .map_err(StoreError::from)?;
+        let Some(r) = row.map(reservation).transpose()? else {
+            tx.rollback().await?;
+            return match self.reservation(order_id).await {
+                Ok(r) if r.status == ReservationStatus::Returned => Ok(r),
+                Ok(r) if r.status == ReservationStatus::Confirmed => {
+                    Err(Problem::new(ErrorCode::Conflict)
+                        .with_detail("the reservation changed meanwhile; retry")
+                        .into())
+                }
+                _ => self.release(ctx, order_id).await,
+            };
+        };
+        for it in &r.items {
+            let wh = it.warehouse.as_deref().unwrap_or(DEFAULT_WAREHOUSE);
+            flowline_store::on_tx!(&mut tx, |c| sqlx::query(
+                "UPDATE stock SET on_hand = on_hand + $3, version = version + 1, updated_at = $4
+                 WHERE product_id = $1 AND warehouse = $2"
+            )
+            .bind(&it.product_id)
+            .bind(wh)
+            .bind(it.quantity)
+            .bind(now)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))
+            .map_err(StoreError::from)?;
+            movement(
+                &mut tx,
+                &it.product_id,
+                wh,
+                "returned",
+                it.quantity,
+                order_id,
+                now,
+            )
+            .await?;
+        }
+        self.emit(
+            &mut tx,
+            ctx,
+            "inventory.reservation_returned",
+            order_id,
+            serde_json::json!(r),
+        )
+        .await?;
+        let products = product_ids(&r.items);
+        self.stock_changed(&mut tx, ctx, &products).await?;
+        tx.commit().await?;
+        self.after_commit(&products);
+        Ok(r)
     }
 
     /// Releases every held reservation past its TTL; returns how many.

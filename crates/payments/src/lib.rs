@@ -400,6 +400,27 @@ impl Payments {
         row.transpose()?.map(payment).transpose()
     }
 
+    /// The payment `user_id` made with `key`, whatever its request was (a
+    /// compensation looks up what its step may have done).
+    pub async fn made_with_key(
+        &self,
+        user_id: &str,
+        key: &str,
+    ) -> Result<Option<Payment>, ApiError> {
+        let id: Option<String> = flowline_store::on_pool!(write & self.db, |p| sqlx::query_scalar(
+            "SELECT id FROM transactions WHERE user_id = $1 AND idempotency_key = $2"
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(p)
+        .await)
+        .map_err(StoreError::from)?;
+        match id {
+            None => Ok(None),
+            Some(id) => Ok(Some(self.get(&id).await?)),
+        }
+    }
+
     /// The payment `user_id` made with `key`; the same key with another
     /// request is refused, whenever it comes.
     async fn by_key(

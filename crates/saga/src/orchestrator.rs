@@ -298,6 +298,21 @@ impl Orchestrator {
         while tasks.join_next().await.is_some() {}
     }
 
+    /// Frees every lease, so unfinished instances run again at once. Only
+    /// for a process that knows it is the sole runner (an embedded database
+    /// under its data-directory lock): leases a crashed run left behind need
+    /// not expire first. With several runners, leases must expire instead.
+    pub async fn release_leases(&self) -> Result<u64, StoreError> {
+        let n = on_pool!(write & self.db, |p| sqlx::query(
+            "UPDATE saga_instances SET locked_until = NULL
+             WHERE status IN ('RUNNING', 'COMPENSATING') AND locked_until IS NOT NULL"
+        )
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(n)
+    }
+
     /// Leases up to `limit` due instances.
     async fn claim(&self, limit: usize) -> Result<Vec<Inst>, StoreError> {
         let now = now_us();
@@ -324,12 +339,20 @@ impl Orchestrator {
             "status IN ('RUNNING', 'COMPENSATING') AND next_attempt_at <= $2 \
              AND (locked_until IS NULL OR locked_until <= $2) AND name IN ({names})"
         );
+        // The pick is materialized: as an `IN (…)` subquery PostgreSQL may
+        // run it as a join and lock (and lease) more than `limit` rows.
         let sql = format!(
-            "UPDATE saga_instances SET locked_until = $1, version = version + 1
-             WHERE id IN (SELECT id FROM saga_instances WHERE {due}
-                          ORDER BY next_attempt_at LIMIT $3{lock})
-               AND {due}
-             RETURNING {COLUMNS}"
+            "WITH pick AS MATERIALIZED (
+                 SELECT id FROM saga_instances WHERE {due}
+                 ORDER BY next_attempt_at LIMIT $3{lock})
+             UPDATE saga_instances SET locked_until = $1, version = version + 1
+             FROM pick WHERE saga_instances.id = pick.id AND {due}
+             RETURNING {}",
+            COLUMNS
+                .split(", ")
+                .map(|c| format!("saga_instances.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let rows: Vec<InstRow> = on_pool!(write & self.db, |p| sqlx::query_as(&sql)
             .bind(until)

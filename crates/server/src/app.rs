@@ -33,6 +33,9 @@ pub struct AppState {
     pub payments: Arc<flowline_payments::Payments>,
     pub carts: Arc<flowline_cart::Carts>,
     pub ledger: Arc<flowline_ledger::Ledger>,
+    pub shipping: Arc<flowline_shipping::Shipping>,
+    pub orders: Arc<flowline_orders::Orders>,
+    pub notifications: Arc<flowline_notifications::Notifications>,
 }
 
 impl AppState {
@@ -86,6 +89,23 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     flowline_cart::open(db.clone(), Relay::new(db.clone(), log.clone()), prices).await?;
     db.close().await;
     open_ledger(settings, &log).await?.db.close().await;
+    let db = Db::open(&backend, "shipping").await?;
+    flowline_shipping::Shipping::open(db.clone(), Relay::new(db.clone(), log.clone())).await?;
+    db.close().await;
+    let db = Db::open(&backend, "orders").await?;
+    db.migrate(flowline_store::outbox::KERNEL_MIGRATIONS)
+        .await?;
+    db.migrate(flowline_orders::MIGRATIONS).await?;
+    db.migrate(flowline_saga::MIGRATIONS).await?;
+    db.close().await;
+    let db = Db::open(&backend, "notifications").await?;
+    flowline_notifications::Notifications::open(
+        db.clone(),
+        Relay::new(db.clone(), log.clone()),
+        settings.notify_config()?,
+    )
+    .await?;
+    db.close().await;
     catalog_db.close().await;
     log.db().close().await;
     Ok(())
@@ -315,7 +335,94 @@ impl App {
             .task,
         );
 
+        let shipping_db = Db::open(&backend, "shipping").await?;
+        let shipping_relay = Relay::new(shipping_db.clone(), log.clone());
+        let shipping = Arc::new(
+            flowline_shipping::Shipping::open(shipping_db.clone(), shipping_relay.clone()).await?,
+        );
+        relays.push(tokio::spawn(shipping_relay.run(relay_rx.clone())));
+        databases.push(("shipping", shipping_db));
+
+        let orders_db = Db::open(&backend, "orders").await?;
+        let orders_relay = Relay::new(orders_db.clone(), log.clone());
+        let ports = Arc::new(crate::order_ports::ContextPorts {
+            carts: carts.clone(),
+            inventory: inventory.clone(),
+            payments: payments.clone(),
+            shipping: shipping.clone(),
+        });
+        let orders = flowline_orders::Orders::open(
+            orders_db.clone(),
+            orders_relay.clone(),
+            ports,
+            settings.orders_config(),
+        )
+        .await?;
+        orders
+            .orchestrator()
+            .metrics()
+            .register(&mut metrics.registry);
+        if lock.is_some() {
+            // Embedded and locked: no other runner exists, so any lease is a
+            // dead process's and its sagas resume now, not when it expires.
+            let n = orders.orchestrator().release_leases().await?;
+            if n > 0 {
+                tracing::info!(sagas = n, "resuming sagas a previous run left unfinished");
+            }
+        }
+        relays.push(tokio::spawn(orders_relay.run(relay_rx.clone())));
+        databases.push(("orders", orders_db));
+        // Read models (user names, product titles) and shipment progress.
+        let opts = ConsumerOptions::new(
+            flowline_orders::FOLLOWER_GROUP,
+            &flowline_orders::FOLLOWED_TOPICS,
+        );
+        consumers.push(
+            log.subscribe(
+                opts,
+                flowline_orders::Follower(orders.clone()),
+                shutdown_rx.clone(),
+            )
+            .await?
+            .task,
+        );
+
+        let notify_db = Db::open(&backend, "notifications").await?;
+        let notify_relay = Relay::new(notify_db.clone(), log.clone());
+        let notifications = Arc::new(
+            flowline_notifications::Notifications::open(
+                notify_db.clone(),
+                notify_relay.clone(),
+                settings.notify_config()?,
+            )
+            .await?,
+        );
+        relays.push(tokio::spawn(notify_relay.run(relay_rx.clone())));
+        databases.push(("notifications", notify_db));
+        // Two groups: the directory (user.events) must not wait behind an
+        // order event that waits for its recipient.
+        for (group, topics) in [
+            (
+                flowline_notifications::GROUP,
+                flowline_notifications::TOPICS,
+            ),
+            (
+                flowline_notifications::DIRECTORY_GROUP,
+                flowline_notifications::DIRECTORY_TOPICS,
+            ),
+        ] {
+            let opts = ConsumerOptions::new(group, topics);
+            let notifier = flowline_notifications::Notifier(notifications.clone());
+            consumers.push(
+                log.subscribe(opts, notifier, shutdown_rx.clone())
+                    .await?
+                    .task,
+            );
+        }
+
         let housekeeping = vec![
+            tokio::spawn(notifications.clone().run(shutdown_rx.clone())),
+            tokio::spawn(orders.orchestrator().clone().run(shutdown_rx.clone())),
             tokio::spawn(sweep_reservations(
                 inventory.clone(),
                 settings.inventory.sweep_interval.0,
@@ -360,6 +467,9 @@ impl App {
             payments,
             carts,
             ledger,
+            shipping,
+            orders,
+            notifications,
         });
         Ok(App {
             state,

@@ -59,9 +59,31 @@ pub enum Command {
     /// Check the ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Inspect sagas (order placement and cancellation).
+    #[command(subcommand)]
+    Saga(SagaCommand),
     /// Run a benchmark scenario.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SagaCommand {
+    /// One saga and its timeline: every attempt of every step and
+    /// compensation, with timings (secrets redacted).
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent sagas, newest first.
+    List {
+        /// RUNNING, COMPENSATING, COMPLETED, COMPENSATED or STUCK.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +275,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Saga(cmd) => {
+            let log = open_log(&settings).await?;
+            let db = flowline_store::Db::open(&settings.backend()?, "orders").await?;
+            let relay = flowline_store::outbox::Relay::new(db.clone(), log.clone());
+            // Read-only: no definitions, so nothing here ever runs a step.
+            let orch = flowline_saga::Orchestrator::new(
+                db,
+                relay,
+                Vec::new(),
+                flowline_saga::SagaOptions::default(),
+            )
+            .await?;
+            match cmd {
+                SagaCommand::Show { id, json } => match orch.get(&id).await? {
+                    Some(d) => crate::sagas::print_detail(&d, json)?,
+                    None => anyhow::bail!("no saga `{id}`"),
+                },
+                SagaCommand::List { status, limit } => {
+                    for s in orch.list(status.as_deref(), limit).await? {
+                        println!(
+                            "{}  {:<12} {:<13} {:<16} {}",
+                            s.created_at.to_rfc3339(),
+                            s.name,
+                            s.status.as_str(),
+                            s.current_step.as_deref().unwrap_or("-"),
+                            s.id
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Ledger(LedgerCommand::Verify { json }) => {
             let log = open_log(&settings).await?;
             let ledger = crate::app::open_ledger(&settings, &log).await?;
@@ -393,6 +447,21 @@ fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate
     let ledger = flowline_ledger::routes::routes(state.ledger.clone())
         .route_layer(from_fn_with_state(auth.clone(), require_role_admin))
         .route_layer(from_fn_with_state(auth.clone(), require_auth));
+    let (orders_user, orders_admin) = flowline_orders::routes::routes(state.orders.clone());
+    let orders_user = orders_user.route_layer(from_fn_with_state(auth.clone(), require_auth));
+    let (shipping_user, shipping_admin) = flowline_shipping::routes::routes(state.shipping.clone());
+    let shipping_user = shipping_user.route_layer(from_fn_with_state(auth.clone(), require_auth));
+    let (notify_user, notify_admin) =
+        flowline_notifications::routes::routes(state.notifications.clone());
+    let notify_user = notify_user.route_layer(from_fn_with_state(auth.clone(), require_auth));
+    // Admin-only, behind one stack: authenticate (outer), then the role.
+    let admin = axum::Router::new()
+        .merge(orders_admin)
+        .merge(shipping_admin)
+        .merge(notify_admin)
+        .merge(crate::sagas::routes())
+        .route_layer(from_fn_with_state(auth.clone(), require_role_admin))
+        .route_layer(from_fn_with_state(auth.clone(), require_auth));
     axum::Router::new()
         .merge(crate::probe::routes())
         .merge(inventory_public)
@@ -400,6 +469,10 @@ fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate
         .merge(payments)
         .merge(carts)
         .merge(ledger)
+        .merge(orders_user)
+        .merge(shipping_user)
+        .merge(notify_user)
+        .merge(admin)
         .merge(flowline_identity::routes::api_routes(auth))
         .merge(catalog_public)
         .merge(catalog_admin)

@@ -23,6 +23,103 @@ pub struct Settings {
     pub ratelimit: RateLimitSettings,
     pub inventory: InventorySettings,
     pub payments: PaymentSettings,
+    pub orders: OrderSettings,
+    pub notifications: NotificationSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrderSettings {
+    /// How long an unpaid order holds its stock (seed 003: 15 minutes).
+    pub reservation_ttl_minutes: i64,
+    /// Saga lease margin: how long after a crash another runner takes over.
+    pub saga_lease: HumanDuration,
+    /// Failed attempts of one compensation before `saga.stuck` is raised.
+    pub saga_stuck_after: u32,
+    /// Sagas one runner executes at once.
+    pub saga_max_in_flight: usize,
+    /// How often an idle runner looks for due work it was not told about.
+    pub saga_poll: HumanDuration,
+    /// Fault injection for drills, e.g. `confirm_stock:do=fatal` (empty: off).
+    pub failpoints: String,
+}
+
+impl Default for OrderSettings {
+    fn default() -> Self {
+        OrderSettings {
+            reservation_ttl_minutes: 15,
+            saga_lease: HumanDuration(Duration::from_secs(5)),
+            saga_stuck_after: 5,
+            saga_max_in_flight: 64,
+            saga_poll: HumanDuration(Duration::from_millis(200)),
+            failpoints: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationSettings {
+    /// Where emails go when no SMTP server is set (default: DATA_DIR/mailbox).
+    pub mailbox_dir: Option<PathBuf>,
+    /// `smtp://[user:password@]host[:port]`; empty: the local mailbox.
+    pub smtp_url: String,
+    /// The From header.
+    pub from: String,
+    /// Attempts per message before it is dead-lettered.
+    pub max_attempts: u32,
+    pub retry_base: HumanDuration,
+    pub retry_max: HumanDuration,
+}
+
+/// `smtp://[user[:password]@]host[:port]` (port 25 by default).
+fn parse_smtp_url(url: &str) -> anyhow::Result<flowline_notifications::SmtpConfig> {
+    let bad = || {
+        anyhow!(
+            "invalid configuration key `notifications.smtp_url`: `{}` is not smtp://[user:password@]host[:port]",
+            flowline_store::redact_url(url)
+        )
+    };
+    let rest = url.strip_prefix("smtp://").ok_or_else(bad)?;
+    let rest = rest.trim_end_matches('/');
+    let (creds, hostport) = match rest.rsplit_once('@') {
+        Some((c, h)) => (Some(c), h),
+        None => (None, rest),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+        None => (hostport, 25),
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let (username, password) = match creds {
+        None => (None, None),
+        Some(c) => match c.split_once(':') {
+            Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned())),
+            None => (Some(c.to_owned()), None),
+        },
+    };
+    Ok(flowline_notifications::SmtpConfig {
+        host: host.to_owned(),
+        port,
+        username,
+        password,
+        ..Default::default()
+    })
+}
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        NotificationSettings {
+            mailbox_dir: None,
+            smtp_url: String::new(),
+            from: "flowline <no-reply@flowline.local>".into(),
+            max_attempts: 5,
+            retry_base: HumanDuration(Duration::from_secs(1)),
+            retry_max: HumanDuration(Duration::from_secs(300)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +331,8 @@ impl Default for Settings {
             ratelimit: RateLimitSettings::default(),
             inventory: InventorySettings::default(),
             payments: PaymentSettings::default(),
+            orders: OrderSettings::default(),
+            notifications: NotificationSettings::default(),
         }
     }
 }
@@ -455,6 +554,26 @@ impl Settings {
         if self.payments.provider_timeout.0.is_zero() {
             bail!("invalid configuration key `payments.provider_timeout`: must be positive");
         }
+        if !(1..=1440).contains(&self.orders.reservation_ttl_minutes) {
+            bail!("invalid configuration key `orders.reservation_ttl_minutes`: 1 to 1440");
+        }
+        if self.orders.saga_stuck_after == 0 || self.orders.saga_max_in_flight == 0 {
+            bail!("invalid configuration key `orders.saga_stuck_after`/`orders.saga_max_in_flight`: must be positive");
+        }
+        if self.orders.saga_lease.0 < Duration::from_millis(100)
+            || self.orders.saga_poll.0.is_zero()
+        {
+            bail!("invalid configuration key `orders.saga_lease`/`orders.saga_poll`: lease at least 100ms, poll positive");
+        }
+        if let Err(e) = flowline_orders::Failpoints::parse(&self.orders.failpoints) {
+            bail!("invalid configuration key `orders.failpoints`: {e}");
+        }
+        if self.notifications.max_attempts == 0 || self.notifications.retry_base.0.is_zero() {
+            bail!("invalid configuration key `notifications.max_attempts`/`notifications.retry_base`: must be positive");
+        }
+        if !self.notifications.smtp_url.is_empty() {
+            parse_smtp_url(&self.notifications.smtp_url)?;
+        }
         if self.inventory.sweep_interval.0.is_zero() {
             bail!("invalid configuration key `inventory.sweep_interval`: must be positive");
         }
@@ -481,6 +600,7 @@ impl Settings {
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database.url = flowline_store::redact_url(&shown.database.url);
+        shown.notifications.smtp_url = flowline_store::redact_url(&shown.notifications.smtp_url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 
@@ -510,6 +630,42 @@ impl Settings {
             hash_concurrency: a.hash_concurrency,
             lockout_threshold: a.lockout_threshold,
             lockout_max_delay: a.lockout_max_delay.0,
+        }
+    }
+
+    pub fn notify_config(&self) -> anyhow::Result<flowline_notifications::NotifyConfig> {
+        let n = &self.notifications;
+        let smtp = if n.smtp_url.is_empty() {
+            None
+        } else {
+            Some(parse_smtp_url(&n.smtp_url)?)
+        };
+        Ok(flowline_notifications::NotifyConfig {
+            mailbox_dir: n
+                .mailbox_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("mailbox")),
+            smtp,
+            from: n.from.clone(),
+            max_attempts: n.max_attempts,
+            backoff_base: n.retry_base.0,
+            backoff_max: n.retry_max.0.max(n.retry_base.0),
+            ..Default::default()
+        })
+    }
+
+    pub fn orders_config(&self) -> flowline_orders::OrdersConfig {
+        let o = &self.orders;
+        flowline_orders::OrdersConfig {
+            reservation_ttl_minutes: o.reservation_ttl_minutes,
+            saga: flowline_saga::SagaOptions {
+                max_in_flight: o.saga_max_in_flight,
+                idle_poll: o.saga_poll.0,
+                lease: o.saga_lease.0,
+                stuck_after: o.saga_stuck_after,
+            },
+            // Checked by `validate`.
+            failpoints: flowline_orders::Failpoints::parse(&o.failpoints).unwrap_or_default(),
         }
     }
 

@@ -94,6 +94,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(flowline_payments::routes::PaymentsApi::openapi());
     doc.merge(flowline_cart::routes::CartApi::openapi());
     doc.merge(flowline_ledger::routes::LedgerApi::openapi());
+    doc.merge(flowline_orders::routes::OrdersApi::openapi());
+    doc.merge(flowline_shipping::routes::ShippingApi::openapi());
+    doc.merge(crate::sagas::SagasApi::openapi());
+    doc.merge(flowline_notifications::routes::NotificationsApi::openapi());
     doc
 }
 

@@ -8,7 +8,9 @@ mod cli;
 mod config;
 mod http;
 mod metrics;
+mod order_ports;
 mod probe;
+mod sagas;
 mod telemetry;
 
 use clap::Parser;

@@ -8,57 +8,6 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// (status, `idempotent-replayed` header, body).
-fn send(req: ureq::Request, token: &str, body: Option<Value>) -> (u16, Option<String>, Value) {
-    let req = req.set("authorization", &format!("Bearer {token}"));
-    let res = match body {
-        Some(b) => req
-            .set("content-type", "application/json")
-            .send_string(&b.to_string()),
-        None => req.call(),
-    };
-    let res = match res {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{e}"),
-    };
-    let status = res.status();
-    let replayed = res.header("idempotent-replayed").map(str::to_owned);
-    let text = res.into_string().unwrap_or_default();
-    let v = if text.is_empty() {
-        Value::Null
-    } else {
-        json(&text)
-    };
-    (status, replayed, v)
-}
-
-fn register(s: &Server, email: &str) -> String {
-    let body = json!({ "email": email, "password": "a long enough passphrase", "display_name": "Shopper" });
-    let (st, _, b) = call(
-        agent().post(&s.url("/api/v1/auth/register")),
-        Some(&body.to_string()),
-    );
-    assert_eq!(st, 201, "{b}");
-    json(&b)["access_token"].as_str().unwrap().to_owned()
-}
-
-fn product(s: &Server, admin: &str, sku: &str, price: i64, currency: &str) -> String {
-    let body = json!({
-        "sku": sku, "title": format!("Product {sku}"), "price": { "amount": price, "currency": currency },
-        "category": "tools", "brand": "acme",
-    });
-    let (st, _, p) = send(agent().post(&s.url("/api/v1/products")), admin, Some(body));
-    assert_eq!(st, 201, "{p}");
-    p["id"].as_str().unwrap().to_owned()
-}
-
-fn set_stock(s: &Server, admin: &str, product: &str, n: i64) -> Value {
-    let url = s.url(&format!("/api/v1/inventory/{product}"));
-    let (st, _, level) = send(agent().put(&url), admin, Some(json!({ "on_hand": n })));
-    assert_eq!(st, 200, "{level}");
-    level
-}
-
 #[test]
 fn two_hundred_concurrent_reservations_of_fifty_units_and_expiry_returns_stock() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,21 +122,6 @@ fn two_hundred_concurrent_reservations_of_fifty_units_and_expiry_returns_stock()
         Some(json!({ "on_hand": 1000 })),
     );
     assert_eq!((st, e["code"].as_str()), (403, Some("permission_denied")));
-}
-
-fn tokenize(s: &Server, user: &str, number: &str) -> String {
-    let body = json!({ "number": number, "exp_month": 12, "exp_year": 2040, "cvc": "123" });
-    let (st, _, t) = send(
-        agent().post(&s.url("/api/v1/payments/tokens")),
-        user,
-        Some(body),
-    );
-    assert_eq!(st, 201, "{t}");
-    assert!(
-        !t.to_string().contains(&number[4..12]),
-        "the number leaked: {t}"
-    );
-    t["id"].as_str().unwrap().to_owned()
 }
 
 fn pay(s: &Server, user: &str, key: &str, body: &Value) -> (u16, Option<String>, Value) {

@@ -200,3 +200,78 @@ pub fn admin_token(s: &Server, data: &Path) -> String {
     assert_eq!(st, 200, "{b}");
     json(&b)["access_token"].as_str().unwrap().to_owned()
 }
+
+/// (status, `idempotent-replayed` header, body).
+pub fn send(
+    req: ureq::Request,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, Option<String>, serde_json::Value) {
+    let req = req.set("authorization", &format!("Bearer {token}"));
+    let res = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let res = match res {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = res.status();
+    let replayed = res.header("idempotent-replayed").map(str::to_owned);
+    let text = res.into_string().unwrap_or_default();
+    let v = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        json(&text)
+    };
+    (status, replayed, v)
+}
+
+pub fn register(s: &Server, email: &str) -> String {
+    let body = serde_json::json!({ "email": email, "password": "a long enough passphrase", "display_name": "Shopper" });
+    let (st, _, b) = call(
+        agent().post(&s.url("/api/v1/auth/register")),
+        Some(&body.to_string()),
+    );
+    assert_eq!(st, 201, "{b}");
+    json(&b)["access_token"].as_str().unwrap().to_owned()
+}
+
+pub fn product(s: &Server, admin: &str, sku: &str, price: i64, currency: &str) -> String {
+    let body = serde_json::json!({
+        "sku": sku, "title": format!("Product {sku}"), "price": { "amount": price, "currency": currency },
+        "category": "tools", "brand": "acme",
+    });
+    let (st, _, p) = send(agent().post(&s.url("/api/v1/products")), admin, Some(body));
+    assert_eq!(st, 201, "{p}");
+    p["id"].as_str().unwrap().to_owned()
+}
+
+pub fn set_stock(s: &Server, admin: &str, product: &str, n: i64) -> serde_json::Value {
+    let url = s.url(&format!("/api/v1/inventory/{product}"));
+    let (st, _, level) = send(
+        agent().put(&url),
+        admin,
+        Some(serde_json::json!({ "on_hand": n })),
+    );
+    assert_eq!(st, 200, "{level}");
+    level
+}
+
+pub fn tokenize(s: &Server, user: &str, number: &str) -> String {
+    let body =
+        serde_json::json!({ "number": number, "exp_month": 12, "exp_year": 2040, "cvc": "123" });
+    let (st, _, t) = send(
+        agent().post(&s.url("/api/v1/payments/tokens")),
+        user,
+        Some(body),
+    );
+    assert_eq!(st, 201, "{t}");
+    assert!(
+        !t.to_string().contains(&number[4..12]),
+        "the number leaked: {t}"
+    );
+    t["id"].as_str().unwrap().to_owned()
+}
