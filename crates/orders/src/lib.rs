@@ -27,7 +27,7 @@ use flowline_core::{Envelope, ErrorCode, Problem, RecordedEvent, Timestamp};
 use flowline_http::{ApiError, RequestContext};
 use flowline_saga::{Orchestrator, SagaOptions};
 use flowline_store::outbox::{self, Relay};
-use flowline_store::{inbox, on_pool, on_tx, Db, Handler, HandlerError, Migration, StoreError};
+use flowline_store::{inbox, on_pool, Db, Handler, HandlerError, Migration, StoreError};
 use model::{kind, Created};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -222,47 +222,27 @@ impl Orders {
         let key = idempotency_key(key)?;
         let req = validate(req)?;
         let hash = request_hash(&req);
-        if let Some(p) = self.placed_with(user_id, key, &hash).await? {
-            return Ok((p, true));
-        }
-        let address = self
-            .env
-            .ports
-            .address(user_id, &req.shipping_address_id)
-            .await
-            .map_err(|e| as_field(e, "shipping_address_id", "no such address of yours"))?;
-        let cart = self
-            .env
-            .ports
-            .checkout(ctx, user_id, &req.cart_id, key)
-            .await
-            .map_err(|e| as_field(e, "cart_id", "no such cart of yours"))?;
+        // The key is bound to this request before the cart is touched, so a
+        // concurrent request under it with another body closes no cart.
+        let order_id = match self.claim(user_id, key, &hash).await? {
+            Claim::Placed(p) => return Ok((p, true)),
+            Claim::Mine(order_id) => order_id,
+        };
+        let checked = self.check_and_checkout(ctx, user_id, key, &req).await;
+        let (address, cart) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                // Refused: the key keeps nothing, so a corrected retry runs.
+                if e.0.status < 500 {
+                    self.unclaim(user_id, key, &order_id).await?;
+                }
+                return Err(e);
+            }
+        };
         let total: i64 = cart.lines.iter().map(|l| l.unit_price * l.quantity).sum();
         let now = Timestamp::now();
-        let order_id = flowline_core::id::new_id().to_string();
 
         let mut tx = self.db.begin().await?;
-        let claimed = on_tx!(&mut tx, |c| sqlx::query(
-            "INSERT INTO order_requests (user_id, idempotency_key, request_hash, order_id, created_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING"
-        )
-        .bind(user_id)
-        .bind(key)
-        .bind(&hash)
-        .bind(&order_id)
-        .bind(now.as_micros())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))
-        .map_err(StoreError::from)?;
-        if claimed == 0 {
-            // A concurrent request with this key won: answer as it did.
-            tx.rollback().await?;
-            return match self.placed_with(user_id, key, &hash).await? {
-                Some(p) => Ok((p, true)),
-                None => Err(Problem::new(ErrorCode::IdempotencyKeyInProgress).into()),
-            };
-        }
         let n = store::next_number(&mut tx, now.year_month().0).await?;
         let number = model::order_number(now.year_month().0, n);
         let created = Created {
@@ -278,9 +258,19 @@ impl Orders {
         };
         let mut data = serde_json::to_value(&created).map_err(StoreError::from)?;
         data["correlation_id"] = json!(ctx.correlation_id);
-        let state = store::append(&mut tx, &order_id, Some(0), &[(kind::CREATED, data)])
-            .await
-            .map_err(StoreError::from)?;
+        let state = match store::append(&mut tx, &order_id, Some(0), &[(kind::CREATED, data)]).await
+        {
+            Ok(s) => s,
+            Err(AppendError::Conflict { .. }) => {
+                // A concurrent request with this key and body placed it first.
+                tx.rollback().await?;
+                return match self.placed_with(user_id, key, &hash).await? {
+                    Some(p) => Ok((p, true)),
+                    None => Err(Problem::new(ErrorCode::IdempotencyKeyInProgress).into()),
+                };
+            }
+            Err(e) => return Err(StoreError::from(e).into()),
+        };
         let saga_data = saga::SagaData {
             order_id: order_id.clone(),
             number: number.clone(),
@@ -315,6 +305,86 @@ impl Orders {
         Ok((placed(&order_id, &number, OrderStatus::Pending), false))
     }
 
+    /// Binds `key` to this request (or finds what it is bound to).
+    async fn claim(&self, user_id: &str, key: &str, hash: &str) -> Result<Claim, ApiError> {
+        let fresh = flowline_core::id::new_id().to_string();
+        on_pool!(write &self.db, |p| sqlx::query(
+            "INSERT INTO order_requests (user_id, idempotency_key, request_hash, order_id, created_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, idempotency_key) DO NOTHING"
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(hash)
+        .bind(&fresh)
+        .bind(Timestamp::now().as_micros())
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))
+        .map_err(StoreError::from)?;
+        match self.placed_with(user_id, key, hash).await? {
+            Some(p) => Ok(Claim::Placed(p)),
+            None => {
+                let id: Option<String> = on_pool!(write &self.db, |p| sqlx::query_scalar(
+                    "SELECT order_id FROM order_requests WHERE user_id = $1 AND idempotency_key = $2"
+                )
+                .bind(user_id)
+                .bind(key)
+                .fetch_optional(p)
+                .await)
+                .map_err(StoreError::from)?;
+                // Gone only if a refused attempt just released it: start afresh.
+                Ok(Claim::Mine(id.unwrap_or(fresh)))
+            }
+        }
+    }
+
+    /// Releases a claim whose request was refused (no order was made).
+    async fn unclaim(&self, user_id: &str, key: &str, order_id: &str) -> Result<(), ApiError> {
+        on_pool!(write &self.db, |p| sqlx::query(
+            "DELETE FROM order_requests WHERE user_id = $1 AND idempotency_key = $2 AND order_id = $3
+               AND NOT EXISTS (SELECT 1 FROM orders WHERE id = $3)"
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(order_id)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))
+        .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// The instrument, the address and the cart, checked in that order (the
+    /// cart is closed last, once nothing else can refuse the order).
+    async fn check_and_checkout(
+        &self,
+        ctx: &RequestContext,
+        user_id: &str,
+        key: &str,
+        req: &PlaceOrder,
+    ) -> Result<(ShipTo, CheckedOutCart), ApiError> {
+        let pay = &req.payment;
+        self.env
+            .ports
+            .check_payment(user_id, pay.card_token.as_deref(), pay.vpa.as_deref())
+            .await
+            .map_err(|e| prefixed(e, "payment."))?;
+        let address = self
+            .env
+            .ports
+            .address(user_id, &req.shipping_address_id)
+            .await
+            .map_err(|e| as_field(e, "shipping_address_id", "no such address of yours"))?;
+        let cart = self
+            .env
+            .ports
+            .checkout(ctx, user_id, &req.cart_id, key)
+            .await
+            .map_err(|e| as_field(e, "cart_id", "no such cart of yours"))?;
+        Ok((address, cart))
+    }
+
+    /// The order `key` placed, if it did; 422 if the key is bound to another request.
     async fn placed_with(
         &self,
         user_id: &str,
@@ -340,8 +410,8 @@ impl Orders {
                 )
                 .into());
         }
-        let s = self.state(&order_id, None).await?;
-        Ok(Some(placed(&s.id, &s.number, s.status)))
+        let events = store::load(&self.db, &order_id).await?;
+        Ok(OrderState::replay(&events).map(|s| placed(&s.id, &s.number, s.status)))
     }
 
     /// The order's state now (from the projection), or at `as_of` (by replay).
@@ -379,12 +449,14 @@ impl Orders {
         }
         let s = match as_of {
             None => owner,
-            Some(_) => self.state(order_id, as_of).await.map_err(|_| {
-                ApiError::from(
-                    Problem::new(ErrorCode::NotFound)
-                        .with_detail("the order did not exist yet at `as_of`"),
-                )
-            })?,
+            Some(_) => match self.state(order_id, as_of).await {
+                Err(e) if e.0.status == 404 => {
+                    return Err(Problem::new(ErrorCode::NotFound)
+                        .with_detail("the order did not exist yet at `as_of`")
+                        .into())
+                }
+                r => r?,
+            },
         };
         self.enrich(s).await
     }
@@ -401,17 +473,12 @@ impl Orders {
             return Err(not_found());
         }
         let mut events = store::load(&self.db, order_id).await?;
-        for e in &mut events {
-            if let Value::Object(m) = &mut e.data {
-                // Internal plumbing, not history.
-                m.remove("correlation_id");
-                m.remove("refund_key");
-            }
-        }
+        events.iter_mut().for_each(scrub);
         Ok(events)
     }
 
-    /// Events after `version`, for live followers (already authorized).
+    /// Events after `version`, for live followers (already authorized);
+    /// not scrubbed (see [`scrub`]).
     pub async fn events_after(
         &self,
         order_id: &str,
@@ -715,6 +782,30 @@ impl Handler for Follower {
 
 /// id, number, status, currency, total, item_count, created_at, updated_at.
 type SummaryRow = (String, String, String, String, i64, i64, i64, i64);
+
+/// Drops internal plumbing from an event before a customer sees it.
+pub fn scrub(e: &mut OrderEvent) {
+    if let Value::Object(m) = &mut e.data {
+        m.remove("correlation_id");
+        m.remove("refund_key");
+        m.remove("detail");
+    }
+}
+
+enum Claim {
+    /// The key placed this order already.
+    Placed(Placed),
+    /// The key is this request's: place the order under this id.
+    Mine(String),
+}
+
+/// Names a participant's field errors as fields of this request (`payment.card_token`).
+fn prefixed(mut e: ApiError, prefix: &str) -> ApiError {
+    for f in &mut e.0.errors {
+        f.field = format!("{prefix}{}", f.field);
+    }
+    e
+}
 
 fn placed(id: &str, number: &str, status: OrderStatus) -> Placed {
     Placed {

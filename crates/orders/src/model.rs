@@ -217,7 +217,10 @@ impl OrderState {
                     .unwrap_or(self.total);
             }
             kind::CONFIRMED => {
-                self.status = OrderStatus::Confirmed;
+                // Never back from SHIPPED/DELIVERED (a late, retried confirmation).
+                if matches!(self.status, OrderStatus::Pending | OrderStatus::Paid) {
+                    self.status = OrderStatus::Confirmed;
+                }
                 self.shipment_id = text(d, "shipment_id");
                 self.tracking_number = text(d, "tracking_number");
             }

@@ -74,6 +74,15 @@ pub trait Ports: Send + Sync {
         address_id: &'a str,
     ) -> BoxFuture<'a, Result<ShipTo, ApiError>>;
 
+    /// Refuses (422) an instrument that cannot pay: an unknown card token or
+    /// another user's, a malformed VPA. Nothing is charged.
+    fn check_payment<'a>(
+        &'a self,
+        user_id: &'a str,
+        card_token: Option<&'a str>,
+        vpa: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), ApiError>>;
+
     /// Holds every line for the order, or none.
     fn reserve<'a>(
         &'a self,

@@ -2,7 +2,8 @@
 //! admin views. The server puts these behind authentication.
 
 use crate::{
-    parse_cursor, OrderEvent, OrderStatus, OrderSummary, OrderView, Orders, PlaceOrder, Placed,
+    parse_cursor, OrderEvent, OrderState, OrderStatus, OrderSummary, OrderView, Orders, PlaceOrder,
+    Placed,
 };
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -224,46 +225,63 @@ pub async fn follow(
         .and_then(|v| v.trim().parse::<i64>().ok())
         .unwrap_or(0);
     let rx = orders.subscribe();
-    let state = Follow {
+    // The order as of `Last-Event-ID`, then folded one event at a time, so
+    // each event carries the status it left the order in.
+    let past = orders.events_after(&id, 0).await?;
+    let state = OrderState::replay(past.iter().take_while(|e| e.version <= from));
+    let follow = Follow {
         orders,
         id,
         version: from,
+        state,
         rx,
         pending: Vec::new(),
+        done: false,
     };
-    let stream = futures_util::stream::unfold(state, |mut st| async move {
+    let stream = futures_util::stream::unfold(follow, |mut st| async move {
         loop {
             if let Some(e) = st.pending.pop() {
                 return Some((Ok::<Event, Infallible>(e), st));
             }
+            if st.done {
+                return None;
+            }
             match st.orders.events_after(&st.id, st.version).await {
                 Ok(events) if !events.is_empty() => {
-                    let mut state = st.orders.state(&st.id, None).await.ok();
-                    for e in events.iter() {
-                        // The projection may lag the events just read; fold on.
-                        if let Some(s) = state.as_mut().filter(|s| s.version < e.version) {
-                            s.apply(e);
+                    let mut out = Vec::with_capacity(events.len());
+                    for mut e in events {
+                        match st.state.as_mut() {
+                            Some(s) => s.apply(&e),
+                            None => st.state = OrderState::replay([&e]),
                         }
+                        st.version = e.version;
+                        let status = st.state.as_ref().map(|s| s.status);
+                        crate::scrub(&mut e);
+                        let body = serde_json::json!({
+                            "type": e.kind, "version": e.version, "status": status,
+                            "data": e.data, "occurred_at": e.occurred_at,
+                        });
+                        let mut ev = Event::default()
+                            .event("order")
+                            .id(e.version.to_string())
+                            .data(body.to_string());
+                        if status.is_some_and(OrderStatus::is_final) {
+                            // Nothing follows a final status: end the stream and
+                            // tell EventSource clients not to reconnect soon.
+                            ev = ev.retry(Duration::from_secs(24 * 3600));
+                            st.done = true;
+                        }
+                        out.push(ev);
                     }
-                    let status = state.map(|s| s.status);
-                    st.version = events.last().map_or(st.version, |e| e.version);
-                    st.pending = events
-                        .into_iter()
-                        .rev()
-                        .map(|e| {
-                            let body = serde_json::json!({
-                                "type": e.kind, "version": e.version, "status": status,
-                                "data": e.data, "occurred_at": e.occurred_at,
-                            });
-                            Event::default()
-                                .event("order")
-                                .id(e.version.to_string())
-                                .data(body.to_string())
-                        })
-                        .collect();
+                    out.reverse();
+                    st.pending = out;
                     continue;
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    if st.state.as_ref().is_some_and(|s| s.status.is_final()) {
+                        return None;
+                    }
+                }
                 Err(e) => tracing::warn!(code = e.0.code, "order stream read failed"),
             }
             // Woken by this process's appends; the poll covers other instances.
@@ -279,8 +297,10 @@ struct Follow {
     orders: Arc<Orders>,
     id: String,
     version: i64,
+    state: Option<OrderState>,
     rx: tokio::sync::watch::Receiver<u64>,
     pending: Vec<Event>,
+    done: bool,
 }
 
 #[utoipa::path(post, path = "/api/v1/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),

@@ -156,6 +156,16 @@ fn step_fn(
     }
 }
 
+/// For the cancel saga: once the customer's cancellation is under way it
+/// must finish (only shipping's refusal stops it, before anything changed).
+fn forever() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: u32::MAX,
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(30),
+    }
+}
+
 fn patient() -> RetryPolicy {
     // Steps after the point of no return only wait for a participant to
     // come back; a long outage still ends (and compensates) eventually.
@@ -239,6 +249,7 @@ pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
         step_fn(env, |env, ctx| {
             Box::pin(async move {
                 let d = data(&ctx)?;
+                still_wanted(&env, &d.order_id).await?;
                 env.ports
                     .confirm(&request_ctx(&d, &ctx), &d.order_id)
                     .await
@@ -266,6 +277,7 @@ pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
         step_fn(env, |env, ctx| {
             Box::pin(async move {
                 let d = data(&ctx)?;
+                still_wanted(&env, &d.order_id).await?;
                 let req = ShipmentRequest {
                     order_id: d.order_id.clone(),
                     order_number: d.number.clone(),
@@ -309,14 +321,21 @@ pub(crate) fn cancel_def(env: &Arc<Env>) -> SagaDef {
                 env.ports
                     .cancel_shipment(&request_ctx(&d, &ctx), &d.order_id)
                     .await
-                    .map_err(|e| {
-                        failure("The order has already been handed to the courier.", &e)
+                    .map_err(|e| match e.0.status {
+                        // Shipping's refusal: picked already. Nothing changed.
+                        409 => StepError::fatal(format!(
+                            "The order has already been handed to the courier. [{}: {}]",
+                            e.0.code,
+                            e.0.detail.as_deref().unwrap_or_default()
+                        )),
+                        _ => StepError::retryable(format!("cancel shipment: {}", e.0.code)),
                     })?;
                 Ok(json!({ "cancelled": true }))
             })
         }),
     )
-    .timeout(Duration::from_secs(5));
+    .timeout(Duration::from_secs(5))
+    .retry(forever());
     let restock = Step::new(
         "return_stock",
         step_fn(env, |env, ctx| {
@@ -331,7 +350,7 @@ pub(crate) fn cancel_def(env: &Arc<Env>) -> SagaDef {
         }),
     )
     .timeout(Duration::from_secs(5))
-    .retry(patient());
+    .retry(forever());
     let refund_step = Step::new(
         "refund_payment",
         step_fn(env, |env, ctx| {
@@ -342,7 +361,7 @@ pub(crate) fn cancel_def(env: &Arc<Env>) -> SagaDef {
         }),
     )
     .timeout(Duration::from_secs(30))
-    .retry(patient());
+    .retry(forever());
     SagaDef::new(CANCEL, vec![unship, restock, refund_step]).on_finish(CancelFinished(env.clone()))
 }
 
@@ -380,6 +399,8 @@ async fn refund(
     };
     let record = async {
         let mut tx = env.db.begin().await?;
+        // Under the order's lock, so two runs cannot both record it.
+        store::lock(&mut tx, &d.order_id).await?;
         let stream = store::load_in(&mut tx, &d.order_id).await?;
         let seen = stream.iter().any(|e| {
             e.kind == kind::REFUNDED && e.data["refund_key"].as_str() == Some(&ctx.command_id)
@@ -492,7 +513,7 @@ impl OnFinish for PlaceFinished {
                     tx,
                     saga_id,
                     None,
-                    &[(kind::CANCELLED, json!({ "reason": why, "detail": reason }))],
+                    &[(kind::CANCELLED, json!({ "reason": why }))],
                 )
                 .await?;
                 emit(
@@ -578,7 +599,10 @@ impl OnFinish for CancelFinished {
                 )
                 .await?;
             } else {
-                let why = customer_reason(reason);
+                let why = match reason {
+                    Some(r) if r.contains(" [") => customer_reason(Some(r)),
+                    _ => "The order could not be cancelled.".to_owned(),
+                };
                 store::append(
                     tx,
                     order_id,

@@ -78,7 +78,8 @@ pub async fn load_after(
     order_id: &str,
     version: i64,
 ) -> Result<Vec<OrderEvent>, StoreError> {
-    let rows: Vec<EventRow> = on_pool!(write db, |p| sqlx::query_as(
+    // The read pool: followers must not queue on SQLite's one writer.
+    let rows: Vec<EventRow> = on_pool!(db, |p| sqlx::query_as(
         "SELECT version, event_type, data, occurred_at FROM order_events
          WHERE order_id = $1 AND version > $2 ORDER BY version"
     )
@@ -103,13 +104,7 @@ pub async fn append(
     expected: Option<i64>,
     events: &[(&str, Value)],
 ) -> Result<OrderState, AppendError> {
-    on_tx!(&mut *tx, |c| sqlx::query(
-        "UPDATE orders SET version = version WHERE id = $1"
-    )
-    .bind(order_id)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
+    lock(tx, order_id).await?;
     let stream = load_in(tx, order_id).await?;
     let actual = stream.last().map_or(0, |e| e.version);
     if let Some(expected) = expected {
@@ -152,6 +147,19 @@ pub async fn append(
     let state = OrderState::replay(&all).ok_or(AppendError::NotFound)?;
     project(tx, &state).await?;
     Ok(state)
+}
+
+/// Takes the order's projection row lock (PostgreSQL; SQLite has one writer)
+/// for the rest of `tx`: appenders of one order queue on it.
+pub async fn lock(tx: &mut Tx, order_id: &str) -> Result<(), StoreError> {
+    on_tx!(tx, |c| sqlx::query(
+        "UPDATE orders SET version = version WHERE id = $1"
+    )
+    .bind(order_id)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(())
 }
 
 /// Writes the projection row of `state`.

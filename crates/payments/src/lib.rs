@@ -400,6 +400,36 @@ impl Payments {
         row.transpose()?.map(payment).transpose()
     }
 
+    /// Checks an instrument before it is used: the card token exists and is
+    /// `user_id`'s, or the VPA looks like `name@bank` (422 naming the field).
+    pub async fn check_instrument(
+        &self,
+        user_id: &str,
+        card_token: Option<&str>,
+        vpa: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if let Some(v) = vpa {
+            card::check_vpa(v)?;
+        }
+        if let Some(token) = card_token {
+            let found: Option<String> = flowline_store::on_pool!(&self.db, |p| sqlx::query_scalar(
+                "SELECT id FROM card_tokens WHERE id = $1 AND user_id = $2"
+            )
+            .bind(token)
+            .bind(user_id)
+            .fetch_optional(p)
+            .await)
+            .map_err(StoreError::from)?;
+            if found.is_none() {
+                return Err(Problem::new(ErrorCode::InvalidCard)
+                    .with_detail("no such card token")
+                    .with_field("card_token", "unknown")
+                    .into());
+            }
+        }
+        Ok(())
+    }
+
     /// The payment `user_id` made with `key`, whatever its request was (a
     /// compensation looks up what its step may have done).
     pub async fn made_with_key(

@@ -29,6 +29,18 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Orders over HTTP on the whole app: POST /orders → saga → CONFIRMED,
+    /// next to the fsync ceiling and the payments service alone.
+    Orders {
+        /// Orders to place.
+        #[arg(long, default_value_t = 2000)]
+        orders: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Product search on a generated catalog: the tantivy index next to SQLite
     /// FTS5 (bm25, same data, same filters) in the same run.
     Search {
@@ -127,6 +139,17 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
                     hot_products,
                 )
                 .await
+            })
+            .await
+        }
+        BenchCommand::Orders {
+            orders,
+            concurrency,
+            json,
+        } => {
+            let s = settings.clone();
+            in_fresh_dir(&settings, json, |dir| async move {
+                crate::bench_orders::run(s, &dir, orders.max(1), concurrency.max(1)).await
             })
             .await
         }
@@ -303,7 +326,7 @@ impl Handler for Recorder {
     }
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
+pub fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -532,13 +555,13 @@ mod argon2_phc {
 }
 
 /// A minimal HTTP/1.1 keep-alive client: enough for a load generator.
-struct Conn {
+pub struct Conn {
     stream: tokio::net::TcpStream,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    async fn open(addr: std::net::SocketAddr) -> std::io::Result<Conn> {
+    pub async fn open(addr: std::net::SocketAddr) -> std::io::Result<Conn> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(Conn {
@@ -548,7 +571,7 @@ impl Conn {
     }
 
     /// Sends `req` (a full request) and reads one response; returns (status, body).
-    async fn send(&mut self, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    pub async fn send(&mut self, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.stream.write_all(req).await?;
         self.buf.clear();
@@ -587,7 +610,7 @@ impl Conn {
     }
 }
 
-fn post_json(path: &str, body: &str) -> Vec<u8> {
+pub fn post_json(path: &str, body: &str) -> Vec<u8> {
     format!(
         "POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

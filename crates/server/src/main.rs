@@ -3,6 +3,7 @@
 mod app;
 mod bench;
 mod bench_commerce;
+mod bench_orders;
 mod bench_search;
 mod cli;
 mod config;

@@ -86,6 +86,19 @@ impl Ports for ContextPorts {
         })
     }
 
+    fn check_payment<'a>(
+        &'a self,
+        user_id: &'a str,
+        card_token: Option<&'a str>,
+        vpa: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move {
+            self.payments
+                .check_instrument(user_id, card_token, vpa)
+                .await
+        })
+    }
+
     fn reserve<'a>(
         &'a self,
         ctx: &'a RequestContext,
@@ -198,19 +211,42 @@ impl Ports for ContextPorts {
             }
             match p.status {
                 Status::Declined | Status::Failed => Ok(None),
-                Status::Refunded if p.refund_pending == 0 => Ok(Some((p.id, p.amount))),
+                Status::Refunded if p.refund_pending == 0 => Ok(Some((p.id, p.refunded_amount))),
                 Status::Captured | Status::PartiallyRefunded | Status::Refunded => {
-                    let after = self
-                        .payments
-                        .refund(ctx, &p.id, refund_key, RefundRequest::default())
-                        .await?;
+                    // A refund the provider refused is final for its key: the
+                    // next attempt goes under the next derived key.
+                    let mut n = 0u32;
+                    let after = loop {
+                        let key = match n {
+                            0 => refund_key.to_owned(),
+                            n => format!("{refund_key}#{n}"),
+                        };
+                        match self
+                            .payments
+                            .refund(ctx, &p.id, &key, RefundRequest::default())
+                            .await
+                        {
+                            Err(e) if e.0.code == "invalid_state" && n < 1000 => {
+                                let now = self.payments.get(&p.id).await?;
+                                if now.status == Status::Refunded && now.refund_pending == 0 {
+                                    break now;
+                                }
+                                if now.refund_pending > 0 {
+                                    return Err(unsettled(&now, "has a refund in flight"));
+                                }
+                                n += 1;
+                            }
+                            r => break r?,
+                        }
+                    };
                     if after.refund_pending > 0 {
                         return Err(unsettled(
                             &after,
                             "has a refund the provider has not answered",
                         ));
                     }
-                    Ok(Some((after.id, after.amount)))
+                    // Orders refund all that is left: the total refunded.
+                    Ok(Some((after.id, after.refunded_amount)))
                 }
                 Status::Pending | Status::Authorized => Err(unsettled(&p, "is not settled")),
             }

@@ -21,7 +21,7 @@ struct Shop {
 
 fn open_shop(data: &Path, env: &[(&str, &str)]) -> Shop {
     let s = Server::start(data, env);
-    let admin = admin_token(&s, data);
+    let admin = admin_token_env(&s, data, env);
     let user = register(&s, "ana@example.com");
     let body = json!({ "name": "Ana Souza", "line1": "Rua das Flores, 100", "city": "São Paulo",
         "postal_code": "01310-100", "country": "BR", "latitude": -23.561, "longitude": -46.656 });
@@ -143,11 +143,40 @@ fn types(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// The PostgreSQL settings for a server in its own schemas, if configured.
+fn postgres() -> Option<(String, String)> {
+    let url = std::env::var("FLOWLINE_TEST_POSTGRES_URL").ok()?;
+    Some((url, format!("o{}_", uuid::Uuid::now_v7().simple())))
+}
+
 #[test]
 fn an_order_is_placed_confirmed_followed_live_shipped_and_delivered() {
+    happy_path(&[]);
+}
+
+#[test]
+fn an_order_round_trip_and_a_cancellation_on_postgres() {
+    let Some((url, prefix)) = postgres() else {
+        eprintln!("FLOWLINE_TEST_POSTGRES_URL not set: SQLite-only run");
+        return;
+    };
+    let env = [
+        ("FLOWLINE__DATABASE__URL", url.as_str()),
+        ("FLOWLINE__DATABASE__SCHEMA_PREFIX", prefix.as_str()),
+    ];
+    happy_path(&env);
+    let prefix2 = format!("{prefix}b");
+    let env = [
+        ("FLOWLINE__DATABASE__URL", url.as_str()),
+        ("FLOWLINE__DATABASE__SCHEMA_PREFIX", prefix2.as_str()),
+    ];
+    projection_and_cancellation(&env);
+}
+
+fn happy_path(env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let shop = open_shop(&data, &[]);
+    let shop = open_shop(&data, env);
     let mug = product(&shop.s, &shop.admin, "MUG-1", 1250, "BRL");
     let pan = product(&shop.s, &shop.admin, "PAN-1", 8990, "BRL");
     set_stock(&shop.s, &shop.admin, &mug, 10);
@@ -256,19 +285,18 @@ fn an_order_is_placed_confirmed_followed_live_shipped_and_delivered() {
         std::fs::read_to_string(eml).unwrap().contains("To: "),
         "{eml}"
     );
-    let (_, _, inbox) = send(
-        agent().get(&shop.s.url("/api/v1/notifications")),
-        &shop.user,
-        None,
-    );
-    assert!(
+    wait_until("the in-app notification", Duration::from_secs(10), || {
+        let (_, _, inbox) = send(
+            agent().get(&shop.s.url("/api/v1/notifications")),
+            &shop.user,
+            None,
+        );
         inbox["items"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|n| n["type"] == "order_confirmed"),
-        "{inbox}"
-    );
+            .any(|n| n["type"] == "order_confirmed")
+    });
     let tracking = o["shipment"]["tracking_number"]
         .as_str()
         .unwrap()
@@ -345,6 +373,31 @@ fn an_order_is_placed_confirmed_followed_live_shipped_and_delivered() {
         ])
     );
 
+    // Resuming after version 6 gets DELIVERED alone, and the stream ends
+    // there: nothing follows a final status.
+    let res = agent()
+        .get(&shop.s.url(&format!("/api/v1/orders/{id}/events")))
+        .set("authorization", &format!("Bearer {}", shop.user))
+        .set("last-event-id", "6")
+        .call()
+        .unwrap();
+    let body = res.into_string().unwrap();
+    let sent: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(json)
+        .collect();
+    assert_eq!(sent.len(), 1, "{body}");
+    assert_eq!(
+        (
+            sent[0]["type"].as_str(),
+            sent[0]["status"].as_str(),
+            sent[0]["version"].as_i64()
+        ),
+        (Some("DELIVERED"), Some("DELIVERED"), Some(7))
+    );
+    assert!(body.contains("retry:"), "{body}");
+
     // `as_of` folds the events up to a time: just after creation it was PENDING.
     let (_, _, h) = send(
         agent().get(&shop.s.url(&format!("/api/v1/orders/{id}/history"))),
@@ -377,7 +430,7 @@ fn an_order_is_placed_confirmed_followed_live_shipped_and_delivered() {
     // `flowline saga show` prints the same timeline.
     let (ok, out, err) = cli(
         &["saga", "show", &id, "--data-dir", data.to_str().unwrap()],
-        &[],
+        env,
     );
     assert!(ok, "{err}");
     assert!(
@@ -388,9 +441,13 @@ fn an_order_is_placed_confirmed_followed_live_shipped_and_delivered() {
 
 #[test]
 fn the_projection_is_rebuilt_by_replay_and_a_cancellation_undoes_everything() {
+    projection_and_cancellation(&[]);
+}
+
+fn projection_and_cancellation(env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let shop = open_shop(&data, &[]);
+    let shop = open_shop(&data, env);
     let mug = product(&shop.s, &shop.admin, "MUG-1", 1000, "BRL");
     set_stock(&shop.s, &shop.admin, &mug, 20);
 
@@ -652,6 +709,25 @@ fn bad_orders_are_refused_with_problems_and_change_nothing() {
         );
         assert_eq!(e["errors"][0]["field"], field, "{e}");
     }
+    // An instrument that cannot pay is refused before the cart is closed.
+    for (pay, code, field) in [
+        (
+            json!({ "method": "credit_card", "card_token": "tok_forged" }),
+            "invalid_card",
+            "payment.card_token",
+        ),
+        (
+            json!({ "method": "upi", "vpa": "no-at-sign" }),
+            "invalid_vpa",
+            "payment.vpa",
+        ),
+    ] {
+        let body = json!({ "cart_id": cart, "shipping_address_id": shop.address, "payment": pay });
+        let req = agent().post(&url).set("idempotency-key", code);
+        let (st, _, e) = send(req, &shop.user, Some(body));
+        assert_eq!((st, e["code"].as_str()), (422, Some(code)), "{e}");
+        assert_eq!(e["errors"][0]["field"], field, "{e}");
+    }
     let req = agent().post(&url).set("idempotency-key", "x");
     let (st, _, e) = send(
         req,
@@ -674,7 +750,12 @@ fn bad_orders_are_refused_with_problems_and_change_nothing() {
     );
     assert_eq!(c["status"], "open");
 
-    // One key, one body: another body under it is refused.
+    // A refused request keeps nothing: the corrected retry under the same
+    // key runs. Then the key is bound: another body under it is refused.
+    let wrong = json!({ "cart_id": cart, "shipping_address_id": "nope",
+        "payment": { "method": "credit_card", "card_token": shop.card } });
+    let req = agent().post(&url).set("idempotency-key", "once");
+    assert_eq!(send(req, &shop.user, Some(wrong)).0, 422);
     let req = agent().post(&url).set("idempotency-key", "once");
     assert_eq!(send(req, &shop.user, Some(good.clone())).0, 202);
     let other = json!({ "cart_id": cart, "shipping_address_id": shop.address,

@@ -176,6 +176,11 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// An admin's access token: creates `admin@example.com` through the CLI (if it
 /// is not there yet) and logs in.
 pub fn admin_token(s: &Server, data: &Path) -> String {
+    admin_token_env(s, data, &[])
+}
+
+/// [`admin_token`] for a server started with `env` (e.g. on PostgreSQL).
+pub fn admin_token_env(s: &Server, data: &Path, env: &[(&str, &str)]) -> String {
     let (ok, _, err) = cli(
         &[
             "users",
@@ -190,7 +195,7 @@ pub fn admin_token(s: &Server, data: &Path) -> String {
         .into_iter()
         .chain([data.to_str().unwrap()])
         .collect::<Vec<_>>(),
-        &[],
+        env,
     );
     assert!(ok || err.contains("already exists"), "{err}");
     let body =
