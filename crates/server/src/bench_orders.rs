@@ -75,8 +75,8 @@ fn ctx() -> RequestContext {
     }
 }
 
-fn api(e: flowline_http::ApiError) -> anyhow::Error {
-    anyhow::anyhow!("{} {:?}", e.0.code, e.0.detail)
+fn api(e: flowline_http::ApiError, what: &str) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {} {:?}", e.0.code, e.0.detail)
 }
 
 pub async fn run(
@@ -146,7 +146,11 @@ pub async fn run(
         "sku": "BENCH-1", "title": "Bench mug", "price": { "amount": 2990, "currency": "BRL" },
         "category": "kitchen", "brand": "flowline",
     }))?;
-    let product = state.catalog.create(&ctx(), product).await.map_err(api)?;
+    let product = state
+        .catalog
+        .create(&ctx(), product)
+        .await
+        .map_err(|e| api(e, "create product"))?;
     let stock = flowline_inventory::SetStock {
         on_hand: 1_000_000_000,
         warehouse: None,
@@ -156,14 +160,22 @@ pub async fn run(
         .inventory
         .set_stock(&ctx(), &product.id, stock)
         .await
-        .map_err(api)?;
+        .map_err(|e| api(e, "set stock"))?;
     let address: flowline_cart::NewAddress = serde_json::from_value(serde_json::json!({
         "name": "Buyer", "line1": "Rua 1", "city": "São Paulo", "postal_code": "01310-100", "country": "BR",
     }))?;
-    let address = state.carts.add_address(&user, address).await.map_err(api)?;
+    let address = state
+        .carts
+        .add_address(&user, address)
+        .await
+        .map_err(|e| api(e, "add address"))?;
     let mut carts = Vec::with_capacity(orders);
     for _ in 0..orders {
-        let cart = state.carts.create(&ctx(), &user).await.map_err(api)?;
+        let cart = state
+            .carts
+            .create(&ctx(), &user)
+            .await
+            .map_err(|e| api(e, "create cart"))?;
         let item = flowline_cart::AddItem {
             product_id: product.id.clone(),
             quantity: 1,
@@ -172,7 +184,7 @@ pub async fn run(
             .carts
             .add_item(&ctx(), &user, &cart.id, item)
             .await
-            .map_err(api)?;
+            .map_err(|e| api(e, "add item"))?;
         carts.push(cart.id);
     }
     // Setup's own events are relayed and consumed before the clock starts.
@@ -231,7 +243,11 @@ pub async fn run(
     let mut last_confirmed = 0i64;
     for (id, sent_at, _) in &placed {
         let events = loop {
-            let events = state.orders.events_after(id, 0).await.map_err(api)?;
+            let events = state
+                .orders
+                .events_after(id, 0)
+                .await
+                .map_err(|e| api(e, "read order events"))?;
             if let Some(last) = events
                 .iter()
                 .find(|e| e.kind == "CONFIRMED" || e.kind == "CANCELLED")
@@ -281,7 +297,7 @@ pub async fn run(
                 payments
                     .create(&ctx(), &user, &format!("alone-{t}-{i}"), req)
                     .await
-                    .map_err(api)?;
+                    .map_err(|e| api(e, "payment alone"))?;
             }
             Ok::<_, anyhow::Error>(per)
         }));
