@@ -246,7 +246,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Events(cmd) => events(settings, cmd).await,
-        Command::Bench(cmd) => crate::bench::run(settings, cmd).await,
+        Command::Bench(cmd) => {
+            // Errors only: a failure inside a scenario is explained on stderr
+            // without info lines mixing into the report.
+            let mut log = settings.log.clone();
+            log.level = "error".into();
+            crate::telemetry::init(&log);
+            crate::bench::run(settings, cmd).await
+        }
         Command::Users(UsersCommand::Create {
             email,
             password,
