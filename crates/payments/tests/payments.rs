@@ -380,3 +380,88 @@ async fn concurrent_attempts_cannot_slip_past_the_velocity_rule() {
         assert_eq!(captured, 3, "{}", env.pay.db.backend_name());
     }
 }
+
+/// Keeps the message of every ERROR event (a storage error behind an
+/// `internal_error` is only logged), so a failure can say what went wrong.
+#[derive(Clone, Default)]
+struct Errors(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Errors {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() == tracing::Level::ERROR
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        struct Fields(String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!(" {}={v:?}", f.name()));
+            }
+        }
+        let mut fields = Fields(String::new());
+        e.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_user_paying_for_many_things_at_once_gets_no_errors() {
+    use tracing::instrument::WithSubscriber;
+    let mut cfg = PaymentsConfig::default();
+    cfg.fraud.max_per_user = i64::MAX;
+    cfg.fraud.max_per_card = i64::MAX;
+    for env in envs(cfg).await {
+        let backend = env.pay.db.backend_name();
+        let errors = Errors::default();
+        let token = env
+            .pay
+            .tokenize("busy", &card("4242424242424242"))
+            .await
+            .unwrap()
+            .id;
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                let (pay, token) = (env.pay.clone(), token.clone());
+                let run = async move {
+                    let mut failures = Vec::new();
+                    for i in 0..20 {
+                        let key = format!("alone-{t}-{i}");
+                        // UPI and card payments interleave, as a user's would.
+                        let req = if (t + i) % 2 == 0 {
+                            serde_json::from_value(serde_json::json!({
+                                "order_id": key, "amount": 2990, "currency": "BRL",
+                                "method": "upi", "vpa": "success@razorpay",
+                            }))
+                            .unwrap()
+                        } else {
+                            pay_with(&token, 2990)
+                        };
+                        match pay.create(&ctx(), "busy", &key, req).await {
+                            Ok(p) if p.status == Status::Captured => {}
+                            Ok(p) => failures.push(format!("{key}: {:?}", p.status)),
+                            Err(e) => failures.push(format!("{key}: {}", e.0.code)),
+                        }
+                    }
+                    failures
+                };
+                tokio::spawn(run.with_subscriber(errors.clone()))
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for task in tasks {
+            failures.extend(task.await.unwrap());
+        }
+        let logged = errors.0.lock().unwrap().clone();
+        assert!(
+            failures.is_empty() && logged.is_empty(),
+            "{backend}: {} failed: {failures:?}; logged: {logged:?}",
+            failures.len()
+        );
+    }
+}

@@ -451,6 +451,7 @@ impl App {
                 .task,
         );
 
+        check_connection_budget(&log, databases.len() + 1, settings.database.max_connections).await;
         let limiter: Arc<dyn RateLimiter> = Arc::new(MemoryRateLimiter::default());
         let state = Arc::new(AppState {
             settings,
@@ -498,6 +499,33 @@ impl App {
             db.close().await;
         }
         self.state.log.db().close().await;
+    }
+}
+
+/// Warns when the pools (one per service, `max_connections` each) could
+/// open more connections than PostgreSQL allows: under load a pool would then
+/// wait for a slot and time out (a 500) instead of queueing on its own.
+async fn check_connection_budget(log: &EventLog, pools: usize, per_pool: u32) {
+    let Db::Postgres { pool, .. } = log.db() else {
+        return;
+    };
+    let allowed: Result<String, _> = sqlx::query_scalar("SHOW max_connections")
+        .fetch_one(pool)
+        .await;
+    let Some(allowed) = allowed.ok().and_then(|v| v.parse::<usize>().ok()) else {
+        return;
+    };
+    let wanted = pools * per_pool as usize;
+    if wanted > allowed.saturating_sub(3) {
+        tracing::warn!(
+            pools,
+            per_pool,
+            wanted,
+            allowed,
+            "the connection pools may want more connections than PostgreSQL allows; \
+             lower database.max_connections to {} or raise PostgreSQL's max_connections",
+            allowed.saturating_sub(3) / pools.max(1)
+        );
     }
 }
 
