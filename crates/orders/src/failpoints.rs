@@ -1,5 +1,6 @@
-//! Fault injection for the order sagas, for failure drills and tests:
-//! `FLOWLINE_FAILPOINTS="confirm_stock:do=fatal;charge_payment:undo=fail:3"`.
+//! Fault injection for the order sagas, for failure drills and tests: the
+//! `orders.failpoints` setting (`FLOWLINE__ORDERS__FAILPOINTS`), e.g.
+//! `"confirm_stock:do=fatal;charge_payment:undo=fail:3"`.
 //!
 //! Each entry names a step and a phase (`do` or `undo`) and what its attempts
 //! do before calling the participant:
@@ -25,25 +26,13 @@ pub enum Fault {
 #[derive(Debug, Clone, Default)]
 pub struct Failpoints(HashMap<String, Fault>);
 
-pub const ENV: &str = "FLOWLINE_FAILPOINTS";
-
 impl Failpoints {
-    /// From [`ENV`]; a malformed entry is an error naming it.
-    pub fn from_env() -> Result<Failpoints, String> {
-        match std::env::var(ENV) {
-            Ok(s) => Failpoints::parse(&s),
-            Err(_) => Ok(Failpoints::default()),
-        }
-    }
-
+    /// A malformed entry is an error naming it.
     pub fn parse(spec: &str) -> Result<Failpoints, String> {
         let mut map = HashMap::new();
         for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
-            let bad = || {
-                format!(
-                    "{ENV}: cannot read `{entry}` (expected step:do|undo=fatal|fail:N|delay:MS)"
-                )
-            };
+            let bad =
+                || format!("cannot read `{entry}` (expected step:do|undo=fatal|fail:N|delay:MS)");
             let (point, action) = entry.split_once('=').ok_or_else(bad)?;
             let (_, phase) = point.split_once(':').ok_or_else(bad)?;
             if !matches!(phase, "do" | "undo") {
