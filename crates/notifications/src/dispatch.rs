@@ -238,8 +238,10 @@ impl Notifications {
     async fn claim(&self) -> Result<Option<Claimed>, StoreError> {
         let now = Timestamp::now().as_micros();
         let until = now.saturating_add(micros(self.cfg.lease));
+        // `attempts < $3`: a delivery whose attempts crashed the dispatcher
+        // (so never recorded an outcome) is not claimed again forever.
         let due = "status IN ('QUEUED', 'RETRY') AND next_attempt_at <= $2 \
-                   AND (locked_until IS NULL OR locked_until <= $2)";
+                   AND (locked_until IS NULL OR locked_until <= $2) AND attempts < $3";
         let set = "SET locked_until = $1, attempts = attempts + 1, version = version + 1, \
                    updated_at = $2";
         let sql = match self.db {
@@ -269,6 +271,7 @@ impl Notifications {
             let row = sqlx::query(&sql)
                 .bind(until)
                 .bind(now)
+                .bind(i64::from(self.cfg.max_attempts))
                 .fetch_optional(p)
                 .await?;
             let Some(r) = row else { return Ok(None) };
@@ -294,9 +297,19 @@ impl Notifications {
     }
 
     async fn deliver(&self, d: Claimed) -> Result<(), StoreError> {
-        match self.attempt(&d).await {
-            Ok(sent) => self.record_sent(&d, sent).await,
-            Err(failed) => self.record_failure(&d, failed).await,
+        // Bounded well inside the lease: a hung provider must neither stall
+        // this node's dispatcher nor let another node send it again.
+        let attempt = tokio::time::timeout(self.cfg.lease / 2, self.attempt(&d)).await;
+        match attempt {
+            Ok(Ok(sent)) => self.record_sent(&d, sent).await,
+            Ok(Err(failed)) => self.record_failure(&d, failed).await,
+            Err(_) => {
+                let failed = Failed {
+                    error: SendError::transient("the send timed out"),
+                    template: None,
+                };
+                self.record_failure(&d, failed).await
+            }
         }
     }
 
@@ -308,6 +321,10 @@ impl Notifications {
             .await
             .map_err(store)?
             .ok_or_else(|| SendError::permanent("the recipient left the directory"))?;
+        if !r.active {
+            // Banned after this was queued: nothing more reaches them.
+            return Err(SendError::permanent("the recipient is no longer active").into());
+        }
         let t = self
             .resolve_template(&d.template_key, &d.locale)
             .await
@@ -412,14 +429,12 @@ impl Notifications {
         }
         .map_err(|e| SendError::permanent(format!("cannot build the message: {e}")))?;
         if let Some(smtp) = &self.smtp {
-            smtp.send(msg).await.map_err(|e| {
-                let m = format!("smtp: {e}");
-                if e.is_permanent() {
-                    SendError::permanent(m)
-                } else {
-                    SendError::transient(m)
-                }
-            })?;
+            // Retried even on 5xx: a relay restart or a rotated password
+            // refuses every message for a while, and a dead letter is not
+            // resent by itself. Attempts still run out at `max_attempts`.
+            smtp.send(msg)
+                .await
+                .map_err(|e| SendError::transient(format!("smtp: {e}")))?;
             return Ok(Effect::Smtp);
         }
         // Named by the delivery id and moved into place whole: a retry

@@ -110,7 +110,7 @@ impl DeliveryStatus {
 
 /// An SMTP relay. Plaintext: point it at a local relay or a submission
 /// port on a trusted network.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SmtpConfig {
     pub host: String,
     pub port: u16,
@@ -118,6 +118,19 @@ pub struct SmtpConfig {
     pub password: Option<String>,
     /// Per SMTP command (connect, EHLO, DATA…).
     pub timeout: Duration,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl Default for SmtpConfig {
@@ -689,6 +702,18 @@ impl Notifications {
         opt_out.dedup();
         let now = Timestamp::now().as_micros();
         let mut tx = self.db.begin().await?;
+        // The settings row first: its lock queues a user's concurrent saves.
+        on_tx!(&mut tx, |c| sqlx::query(
+            "INSERT INTO user_settings (user_id, locale, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id) DO UPDATE SET locale = excluded.locale, updated_at = excluded.updated_at"
+        )
+        .bind(user_id)
+        .bind(locale.as_deref())
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))
+        .map_err(StoreError::from)?;
         on_tx!(&mut tx, |c| sqlx::query(
             "DELETE FROM opt_outs WHERE user_id = $1"
         )
@@ -709,17 +734,6 @@ impl Notifications {
             .map(|r| r.rows_affected()))
             .map_err(StoreError::from)?;
         }
-        on_tx!(&mut tx, |c| sqlx::query(
-            "INSERT INTO user_settings (user_id, locale, updated_at) VALUES ($1, $2, $3)
-             ON CONFLICT (user_id) DO UPDATE SET locale = excluded.locale, updated_at = excluded.updated_at"
-        )
-        .bind(user_id)
-        .bind(locale.as_deref())
-        .bind(now)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))
-        .map_err(StoreError::from)?;
         tx.commit().await?;
         Ok(Preferences { opt_out, locale })
     }
@@ -846,6 +860,40 @@ impl Notifications {
                 .map(|r| Ok(delivery_row!(r)))
                 .collect::<Result<Vec<_>, StoreError>>()
         })
+    }
+
+    /// Sends a dead letter again: DEAD → RETRY with its attempts reset (an
+    /// SMTP relay that was down longer than the retries lasted). `None` when
+    /// there is no such delivery; `Some(false)` when it is not DEAD.
+    pub async fn retry_dead(&self, id: &str) -> Result<Option<bool>, StoreError> {
+        let now = Timestamp::now().as_micros();
+        let n = on_pool!(write & self.db, |p| sqlx::query(
+            "UPDATE deliveries SET status = 'RETRY', attempts = 0, next_attempt_at = $2,
+                 locked_until = NULL, version = version + 1, updated_at = $2
+             WHERE id = $1 AND status = 'DEAD'"
+        )
+        .bind(id)
+        .bind(now)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if n > 0 {
+            self.wake();
+            return Ok(Some(true));
+        }
+        Ok(self.delivery(id).await?.map(|_| false))
+    }
+
+    /// Frees every delivery lease. Only for a process that knows it is the
+    /// sole dispatcher (an embedded database under its data-directory lock).
+    pub async fn release_leases(&self) -> Result<u64, StoreError> {
+        Ok(on_pool!(write & self.db, |p| sqlx::query(
+            "UPDATE deliveries SET locked_until = NULL
+             WHERE status IN ('QUEUED', 'RETRY') AND locked_until IS NOT NULL"
+        )
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?)
     }
 
     pub async fn delivery(&self, id: &str) -> Result<Option<Delivery>, StoreError> {

@@ -29,6 +29,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>(n: Arc<Notifications>) -> (Route
     let admin = Router::new()
         .route("/admin/mailbox", get(mailbox))
         .route("/admin/notifications/deliveries", get(deliveries))
+        .route(
+            "/admin/notifications/deliveries/{id}/retry",
+            post(retry_dead),
+        )
         .route("/admin/notification-templates", get(templates))
         .route(
             "/admin/notification-templates/{key}/{locale}",
@@ -262,6 +266,31 @@ pub async fn put_template(
     mailbox,
     deliveries,
     templates,
-    put_template
+    put_template,
+    retry_dead
 ))]
 pub struct NotificationsApi;
+
+#[utoipa::path(post, path = "/api/v1/admin/notifications/deliveries/{id}/retry", tag = "notifications", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Delivery id")),
+    responses((status = 200, description = "The dead letter is queued again (RETRY, attempts reset)", body = Delivery),
+        (status = 403, description = "Not an admin", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such delivery", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 409, description = "The delivery is not DEAD", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn retry_dead(
+    State(n): State<Arc<Notifications>>,
+    Path(id): Path<String>,
+) -> Result<Json<Delivery>, ApiError> {
+    match n.retry_dead(&id).await? {
+        None => Err(Problem::new(ErrorCode::NotFound)
+            .with_detail("no such delivery")
+            .into()),
+        Some(false) => Err(Problem::new(ErrorCode::InvalidState)
+            .with_detail("only a DEAD delivery can be retried")
+            .into()),
+        Some(true) => match n.delivery(&id).await? {
+            Some(d) => Ok(Json(d)),
+            None => Err(Problem::new(ErrorCode::NotFound).into()),
+        },
+    }
+}

@@ -749,6 +749,13 @@ async fn an_unreachable_smtp_server_is_retried_with_backoff_then_dead_lettered()
         assert_eq!(outbox_count(&env.db, "notification.dead_lettered").await, 1);
         assert_eq!(outbox_count(&env.db, "notification.sent").await, 0);
         assert_eq!(n.dispatch_once().await.unwrap(), 0, "DEAD is final");
+        // Until an admin sends it again (the relay is back): attempts restart.
+        let id = dead[0].id.clone();
+        assert_eq!(n.retry_dead(&id).await.unwrap(), Some(true), "{name}");
+        let d = n.delivery(&id).await.unwrap().unwrap();
+        assert_eq!((d.status, d.attempts), (DeliveryStatus::Retry, 0), "{name}");
+        assert_eq!(n.retry_dead(&id).await.unwrap(), Some(false), "only DEAD");
+        assert_eq!(n.retry_dead("no-such-delivery").await.unwrap(), None);
     }
 }
 
@@ -1161,7 +1168,7 @@ mod http {
 
         let doc = flowline_notifications::routes::NotificationsApi::openapi();
         let paths: Vec<&String> = doc.paths.paths.keys().collect();
-        assert_eq!(paths.len(), 7, "{paths:?}");
+        assert_eq!(paths.len(), 8, "{paths:?}");
         assert!(doc
             .paths
             .paths

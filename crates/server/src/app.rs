@@ -397,6 +397,10 @@ impl App {
             )
             .await?,
         );
+        if lock.is_some() {
+            // Alone under the data-dir lock: a dead run's leases are free.
+            notifications.release_leases().await?;
+        }
         relays.push(tokio::spawn(notify_relay.run(relay_rx.clone())));
         databases.push(("notifications", notify_db));
         // Two groups: the directory (user.events) must not wait behind an
@@ -411,7 +415,13 @@ impl App {
                 flowline_notifications::DIRECTORY_TOPICS,
             ),
         ] {
-            let opts = ConsumerOptions::new(group, topics);
+            let mut opts = ConsumerOptions::new(group, topics);
+            if group == flowline_notifications::GROUP {
+                // Messages are about what happens from now on: a deployment
+                // that adds notifications must not mail its whole history.
+                // The directory group reads every user from the start.
+                opts.start = ReplayFrom::Latest;
+            }
             let notifier = flowline_notifications::Notifier(notifications.clone());
             consumers.push(
                 log.subscribe(opts, notifier, shutdown_rx.clone())

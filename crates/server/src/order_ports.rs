@@ -286,6 +286,12 @@ impl Ports for ContextPorts {
                     .collect(),
             };
             let s = self.shipping.create(ctx, new).await?;
+            if s.status == flowline_shipping::Status::Cancelled {
+                // A replayed create after the order's shipment was cancelled.
+                return Err(Problem::new(ErrorCode::InvalidState)
+                    .with_detail("the order's shipment was cancelled")
+                    .into());
+            }
             Ok(ShipmentRef {
                 shipment_id: s.id,
                 tracking_number: s.tracking_number,

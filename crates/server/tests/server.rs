@@ -607,6 +607,7 @@ fn openapi_document_covers_every_route_and_the_docs_page_is_served() {
         ("put", "/api/v1/notifications/preferences"),
         ("get", "/api/v1/admin/mailbox"),
         ("get", "/api/v1/admin/notifications/deliveries"),
+        ("post", "/api/v1/admin/notifications/deliveries/{id}/retry"),
         ("get", "/api/v1/admin/notification-templates"),
         ("put", "/api/v1/admin/notification-templates/{key}/{locale}"),
     ];
@@ -649,6 +650,7 @@ fn openapi_document_covers_every_route_and_the_docs_page_is_served() {
                 "/api/v1/orders/{id}/cancel",
                 "/api/v1/admin/orders/rebuild",
                 "/api/v1/notifications/{id}/read",
+                "/api/v1/admin/notifications/deliveries/{id}/retry",
             ];
             assert!(
                 has_body || bodyless.contains(&path),

@@ -631,19 +631,18 @@ impl Shipping {
     }
 
     /// Plans delivery routes over the PENDING and PICKED shipments created on
-    /// `req.date` (UTC); see [`routing`] for the method.
+    /// or before `req.date` (UTC): yesterday's overflow is today's backlog.
+    /// See [`routing`] for the method.
     pub async fn plan_routes(&self, req: RoutePlanRequest) -> Result<RoutePlan, ApiError> {
         let (day, vehicles, capacity) = validate_plan(&req)?;
-        let from = day * 86_400_000_000;
-        let until = from + 86_400_000_000;
+        let until = (day + 1) * 86_400_000_000;
         let sql = format!(
             "SELECT {COLUMNS} FROM shipments
-             WHERE created_at >= $1 AND created_at < $2 AND status IN ('PENDING', 'PICKED')
+             WHERE created_at < $1 AND status IN ('PENDING', 'PICKED')
              ORDER BY id"
         );
         let rows = flowline_store::on_pool!(&self.db, |p| {
             let rows = sqlx::query(&sql)
-                .bind(from)
                 .bind(until)
                 .fetch_all(p)
                 .await
