@@ -604,34 +604,48 @@ impl Orders {
         .fetch_optional(p)
         .await)
         .map_err(StoreError::from)?;
-        let mut items = Vec::with_capacity(s.items.len());
-        for l in &s.items {
-            let p: Option<(String, String, String)> = on_pool!(&self.db, |p| sqlx::query_as(
-                "SELECT title, brand, category FROM order_products
-                 WHERE product_id = $1 AND deleted = 0"
-            )
-            .bind(&l.product_id)
-            .fetch_optional(p)
-            .await)
-            .map_err(StoreError::from)?;
-            let money = |amount| MoneyView {
-                amount,
-                currency: s.currency.clone(),
-            };
-            let (name, brand, category) = match p {
-                Some((t, b, c)) => (t, Some(b), Some(c)),
-                None => (l.title.clone(), None, None),
-            };
-            items.push(ItemView {
-                product_id: l.product_id.clone(),
-                name,
-                brand,
-                category,
-                quantity: l.quantity,
-                unit_price: money(l.unit_price),
-                line_total: money(l.unit_price * l.quantity),
-            });
-        }
+        // Every line's catalog names in one read.
+        let marks: Vec<String> = (1..=s.items.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT product_id, title, brand, category FROM order_products
+             WHERE deleted = 0 AND product_id IN ({})",
+            marks.join(", ")
+        );
+        let known: Vec<(String, String, String, String)> = if s.items.is_empty() {
+            Vec::new()
+        } else {
+            on_pool!(&self.db, |p| {
+                let mut q = sqlx::query_as(&sql);
+                for l in &s.items {
+                    q = q.bind(&l.product_id);
+                }
+                q.fetch_all(p).await
+            })
+            .map_err(StoreError::from)?
+        };
+        let money = |amount| MoneyView {
+            amount,
+            currency: s.currency.clone(),
+        };
+        let items = s
+            .items
+            .iter()
+            .map(|l| {
+                let (name, brand, category) = match known.iter().find(|k| k.0 == l.product_id) {
+                    Some((_, t, b, c)) => (t.clone(), Some(b.clone()), Some(c.clone())),
+                    None => (l.title.clone(), None, None),
+                };
+                ItemView {
+                    product_id: l.product_id.clone(),
+                    name,
+                    brand,
+                    category,
+                    quantity: l.quantity,
+                    unit_price: money(l.unit_price),
+                    line_total: money(l.unit_price * l.quantity),
+                }
+            })
+            .collect();
         Ok(OrderView {
             user: UserRef {
                 id: s.user_id.clone(),

@@ -213,8 +213,12 @@ pub async fn follow(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let s = orders.state(&id, None).await?;
-    if s.user_id != who.user_id && !who.has_role("admin") {
+    // Subscribed before the read, so no append between the two is missed.
+    let rx = orders.subscribe();
+    let past = orders.events_after(&id, 0).await?;
+    let owner = OrderState::replay(&past).map(|s| s.user_id);
+    if owner.as_deref() != Some(who.user_id.as_str()) && !(owner.is_some() && who.has_role("admin"))
+    {
         return Err(Problem::new(ErrorCode::NotFound)
             .with_detail("no such order")
             .into());
@@ -224,10 +228,8 @@ pub async fn follow(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i64>().ok())
         .unwrap_or(0);
-    let rx = orders.subscribe();
     // The order as of `Last-Event-ID`, then folded one event at a time, so
     // each event carries the status it left the order in.
-    let past = orders.events_after(&id, 0).await?;
     let state = OrderState::replay(past.iter().take_while(|e| e.version <= from));
     let follow = Follow {
         orders,

@@ -133,16 +133,21 @@ async fn still_wanted(env: &Env, order_id: &str) -> Result<(), StepError> {
     }
 }
 
-type Action =
-    dyn Fn(Arc<Env>, StepCtx) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync;
+/// What a step function is given: the saga's data decoded, and the request
+/// context its participant calls carry (correlation id, command id).
+struct Call {
+    env: Arc<Env>,
+    ctx: StepCtx,
+    d: SagaData,
+    rctx: RequestContext,
+}
 
-/// A step function that checks its failpoint first.
+type Action = dyn Fn(Call) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync;
+
+/// A step function: checks its failpoint, decodes the data, then runs `f`.
 fn step_fn(
     env: &Arc<Env>,
-    f: impl Fn(Arc<Env>, StepCtx) -> BoxFuture<'static, Result<Value, StepError>>
-        + Send
-        + Sync
-        + 'static,
+    f: impl Fn(Call) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync + 'static,
 ) -> impl Fn(StepCtx) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync + 'static {
     let env = env.clone();
     let f: Arc<Action> = Arc::new(f);
@@ -151,9 +156,39 @@ fn step_fn(
         let f = f.clone();
         Box::pin(async move {
             env.faults.check(&ctx).await?;
-            f(env, ctx).await
+            let d = data(&ctx)?;
+            let rctx = request_ctx(&d, &ctx);
+            f(Call { env, ctx, d, rctx }).await
         })
     }
+}
+
+/// Participant calls keyed by the order id alone, whose failures are only
+/// ever worth retrying (compensations, and the cancel saga's restock).
+#[derive(Debug, Clone, Copy)]
+enum ByOrder {
+    Release,
+    ReturnStock,
+    CancelShipment,
+}
+
+/// A step function calling `op`: every failure is retryable.
+fn retrying(
+    env: &Arc<Env>,
+    op: ByOrder,
+) -> impl Fn(StepCtx) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync + 'static {
+    step_fn(env, move |c| {
+        Box::pin(async move {
+            let (ports, id) = (&c.env.ports, c.d.order_id.as_str());
+            let (done, what) = match op {
+                ByOrder::Release => (ports.release(&c.rctx, id).await, "released"),
+                ByOrder::ReturnStock => (ports.return_stock(&c.rctx, id).await, "returned"),
+                ByOrder::CancelShipment => (ports.cancel_shipment(&c.rctx, id).await, "cancelled"),
+            };
+            done.map_err(|e| StepError::retryable(format!("{op:?}: {}", e.0.code)))?;
+            Ok(json!({ what: true }))
+        })
+    })
 }
 
 /// For the cancel saga: once the customer's cancellation is under way it
@@ -179,13 +214,13 @@ fn patient() -> RetryPolicy {
 pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
     let reserve = Step::new(
         "reserve_stock",
-        step_fn(env, |env, ctx| {
+        step_fn(env, |c| {
             Box::pin(async move {
-                let d = data(&ctx)?;
-                still_wanted(&env, &d.order_id).await?;
-                let rctx = request_ctx(&d, &ctx);
-                env.ports
-                    .reserve(&rctx, &d.order_id, &d.items, env.ttl_minutes)
+                still_wanted(&c.env, &c.d.order_id).await?;
+                let ttl = c.env.ttl_minutes;
+                c.env
+                    .ports
+                    .reserve(&c.rctx, &c.d.order_id, &c.d.items, ttl)
                     .await
                     .map_err(|e| {
                         let customer = if e.0.code == "insufficient_stock" {
@@ -195,31 +230,22 @@ pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
                         };
                         failure(customer, &e)
                     })?;
-                Ok(json!({ "ttl_minutes": env.ttl_minutes }))
+                Ok(json!({ "ttl_minutes": ttl }))
             })
         }),
     )
-    .compensate(step_fn(env, |env, ctx| {
-        Box::pin(async move {
-            let d = data(&ctx)?;
-            env.ports
-                .release(&request_ctx(&d, &ctx), &d.order_id)
-                .await
-                .map_err(|e| StepError::retryable(format!("release: {}", e.0.code)))?;
-            Ok(json!({ "released": true }))
-        })
-    }))
+    .compensate(retrying(env, ByOrder::Release))
     .timeout(Duration::from_secs(5));
 
     let charge = Step::new(
         "charge_payment",
-        step_fn(env, |env, ctx| {
+        step_fn(env, |c| {
             Box::pin(async move {
-                let d = data(&ctx)?;
-                still_wanted(&env, &d.order_id).await?;
-                let outcome = env
+                still_wanted(&c.env, &c.d.order_id).await?;
+                let outcome = c
+                    .env
                     .ports
-                    .charge(&request_ctx(&d, &ctx), &ctx.command_id, &d.charge())
+                    .charge(&c.rctx, &c.ctx.command_id, &c.d.charge())
                     .await
                     .map_err(|e| failure("Your payment details could not be used.", &e))?;
                 match outcome {
@@ -236,22 +262,17 @@ pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
             })
         }),
     )
-    .compensate(step_fn(env, |env, ctx| {
-        Box::pin(async move {
-            let d = data(&ctx)?;
-            refund(&env, &ctx, &d, &charge_key(&d.order_id)).await
-        })
-    }))
+    .compensate(step_fn(env, |c| Box::pin(refund(c))))
     .timeout(Duration::from_secs(30));
 
     let confirm = Step::new(
         "confirm_stock",
-        step_fn(env, |env, ctx| {
+        step_fn(env, |c| {
             Box::pin(async move {
-                let d = data(&ctx)?;
-                still_wanted(&env, &d.order_id).await?;
-                env.ports
-                    .confirm(&request_ctx(&d, &ctx), &d.order_id)
+                still_wanted(&c.env, &c.d.order_id).await?;
+                c.env
+                    .ports
+                    .confirm(&c.rctx, &c.d.order_id)
                     .await
                     .map_err(|e| {
                         failure("Your reservation expired before the payment completed.", &e)
@@ -260,24 +281,15 @@ pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
             })
         }),
     )
-    .compensate(step_fn(env, |env, ctx| {
-        Box::pin(async move {
-            let d = data(&ctx)?;
-            env.ports
-                .return_stock(&request_ctx(&d, &ctx), &d.order_id)
-                .await
-                .map_err(|e| StepError::retryable(format!("return stock: {}", e.0.code)))?;
-            Ok(json!({ "returned": true }))
-        })
-    }))
+    .compensate(retrying(env, ByOrder::ReturnStock))
     .timeout(Duration::from_secs(5));
 
     let ship = Step::new(
         "create_shipment",
-        step_fn(env, |env, ctx| {
+        step_fn(env, |c| {
             Box::pin(async move {
-                let d = data(&ctx)?;
-                still_wanted(&env, &d.order_id).await?;
+                still_wanted(&c.env, &c.d.order_id).await?;
+                let d = &c.d;
                 let req = ShipmentRequest {
                     order_id: d.order_id.clone(),
                     order_number: d.number.clone(),
@@ -285,25 +297,15 @@ pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
                     address: d.shipping_address.clone(),
                     items: d.items.clone(),
                 };
-                let s = env
-                    .ports
-                    .ship(&request_ctx(&d, &ctx), &req)
-                    .await
-                    .map_err(|e| failure("We could not arrange shipping for this order.", &e))?;
+                let s =
+                    c.env.ports.ship(&c.rctx, &req).await.map_err(|e| {
+                        failure("We could not arrange shipping for this order.", &e)
+                    })?;
                 Ok(json!({ "shipment_id": s.shipment_id, "tracking_number": s.tracking_number }))
             })
         }),
     )
-    .compensate(step_fn(env, |env, ctx| {
-        Box::pin(async move {
-            let d = data(&ctx)?;
-            env.ports
-                .cancel_shipment(&request_ctx(&d, &ctx), &d.order_id)
-                .await
-                .map_err(|e| StepError::retryable(format!("cancel shipment: {}", e.0.code)))?;
-            Ok(json!({ "cancelled": true }))
-        })
-    }))
+    .compensate(retrying(env, ByOrder::CancelShipment))
     .timeout(Duration::from_secs(5))
     .retry(patient());
 
@@ -315,11 +317,11 @@ pub(crate) fn place_def(env: &Arc<Env>) -> SagaDef {
 pub(crate) fn cancel_def(env: &Arc<Env>) -> SagaDef {
     let unship = Step::new(
         "cancel_shipment",
-        step_fn(env, |env, ctx| {
+        step_fn(env, |c| {
             Box::pin(async move {
-                let d = data(&ctx)?;
-                env.ports
-                    .cancel_shipment(&request_ctx(&d, &ctx), &d.order_id)
+                c.env
+                    .ports
+                    .cancel_shipment(&c.rctx, &c.d.order_id)
                     .await
                     .map_err(|e| match e.0.status {
                         // Shipping's refusal: picked already. Nothing changed.
@@ -336,32 +338,12 @@ pub(crate) fn cancel_def(env: &Arc<Env>) -> SagaDef {
     )
     .timeout(Duration::from_secs(5))
     .retry(forever());
-    let restock = Step::new(
-        "return_stock",
-        step_fn(env, |env, ctx| {
-            Box::pin(async move {
-                let d = data(&ctx)?;
-                env.ports
-                    .return_stock(&request_ctx(&d, &ctx), &d.order_id)
-                    .await
-                    .map_err(|e| StepError::retryable(format!("return stock: {}", e.0.code)))?;
-                Ok(json!({ "returned": true }))
-            })
-        }),
-    )
-    .timeout(Duration::from_secs(5))
-    .retry(forever());
-    let refund_step = Step::new(
-        "refund_payment",
-        step_fn(env, |env, ctx| {
-            Box::pin(async move {
-                let d = data(&ctx)?;
-                refund(&env, &ctx, &d, &charge_key(&d.order_id)).await
-            })
-        }),
-    )
-    .timeout(Duration::from_secs(30))
-    .retry(forever());
+    let restock = Step::new("return_stock", retrying(env, ByOrder::ReturnStock))
+        .timeout(Duration::from_secs(5))
+        .retry(forever());
+    let refund_step = Step::new("refund_payment", step_fn(env, |c| Box::pin(refund(c))))
+        .timeout(Duration::from_secs(30))
+        .retry(forever());
     SagaDef::new(CANCEL, vec![unship, restock, refund_step]).on_finish(CancelFinished(env.clone()))
 }
 
@@ -376,22 +358,13 @@ fn decline_text(reason: &str) -> &'static str {
     }
 }
 
-/// Refunds what the charge captured and records REFUNDED once per refund
-/// (outside the saga transaction, so it is deduped by the refund key).
-async fn refund(
-    env: &Env,
-    ctx: &StepCtx,
-    d: &SagaData,
-    charge_key: &str,
-) -> Result<Value, StepError> {
+/// Refunds what the order's charge captured and records REFUNDED once per
+/// refund (outside the saga transaction, so it is deduped by the refund key).
+async fn refund(c: Call) -> Result<Value, StepError> {
+    let (env, d, key) = (&c.env, &c.d, &c.ctx.command_id);
     let done = env
         .ports
-        .refund(
-            &request_ctx(d, ctx),
-            charge_key,
-            &ctx.command_id,
-            &d.charge(),
-        )
+        .refund(&c.rctx, &charge_key(&d.order_id), key, &d.charge())
         .await
         .map_err(|e| StepError::retryable(format!("refund: {} {:?}", e.0.code, e.0.detail)))?;
     let Some((payment_id, amount)) = done else {
@@ -402,12 +375,11 @@ async fn refund(
         // Under the order's lock, so two runs cannot both record it.
         store::lock(&mut tx, &d.order_id).await?;
         let stream = store::load_in(&mut tx, &d.order_id).await?;
-        let seen = stream.iter().any(|e| {
-            e.kind == kind::REFUNDED && e.data["refund_key"].as_str() == Some(&ctx.command_id)
-        });
+        let seen = stream
+            .iter()
+            .any(|e| e.kind == kind::REFUNDED && e.data["refund_key"].as_str() == Some(key));
         if !seen {
-            let ev =
-                json!({ "payment_id": payment_id, "amount": amount, "refund_key": ctx.command_id });
+            let ev = json!({ "payment_id": payment_id, "amount": amount, "refund_key": key });
             store::append(&mut tx, &d.order_id, None, &[(kind::REFUNDED, ev)]).await?;
         }
         tx.commit().await?;

@@ -554,6 +554,65 @@ mod argon2_phc {
     }
 }
 
+/// The load of a benchmark comes from one address and one user: measure the
+/// pipeline, not the limiter's refusals.
+pub fn lift_rate_limits(settings: &mut Settings) {
+    let r = &mut settings.ratelimit;
+    for v in [
+        &mut r.ip_per_minute,
+        &mut r.ip_burst,
+        &mut r.auth_per_minute,
+        &mut r.auth_burst,
+        &mut r.user_per_minute,
+        &mut r.user_burst,
+    ] {
+        *v = u32::MAX / 2;
+    }
+}
+
+/// Serves `router` on a free loopback port: (its address, the server task).
+pub async fn serve_loopback(
+    router: axum::Router,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
+    Ok((addr, server))
+}
+
+/// Registers a user over HTTP (password `bench passphrase 1`): its access token.
+pub async fn register(
+    addr: std::net::SocketAddr,
+    email: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    let body = serde_json::json!({ "email": email, "password": "bench passphrase 1", "display_name": name });
+    let (status, body) = Conn::open(addr)
+        .await?
+        .send(&post_json("/api/v1/auth/register", &body.to_string()))
+        .await?;
+    anyhow::ensure!(
+        status == 201,
+        "register failed: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(
+        serde_json::from_slice::<serde_json::Value>(&body)?["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
 /// A minimal HTTP/1.1 keep-alive client: enough for a load generator.
 pub struct Conn {
     stream: tokio::net::TcpStream,
@@ -665,13 +724,7 @@ async fn auth_scenario(
     settings.data_dir = dir.to_path_buf();
     settings.database.url = "sqlite://".into();
     settings.probe.enabled = false;
-    // The load comes from one address: measure the pipeline, not the limiter's refusals.
-    settings.ratelimit.ip_per_minute = u32::MAX / 2;
-    settings.ratelimit.ip_burst = u32::MAX / 2;
-    settings.ratelimit.auth_per_minute = u32::MAX / 2;
-    settings.ratelimit.auth_burst = u32::MAX / 2;
-    settings.ratelimit.user_per_minute = u32::MAX / 2;
-    settings.ratelimit.user_burst = u32::MAX / 2;
+    lift_rate_limits(&mut settings);
     let threads = settings.auth.hash_concurrency;
 
     let app = crate::app::App::start(settings).await?;
@@ -685,33 +738,8 @@ async fn auth_scenario(
             }))
         }),
     );
-    let router = crate::cli::app_router(&app.state).merge(bare);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-    });
-
-    let mut c = Conn::open(addr).await?;
-    let (status, body) = c
-        .send(&post_json(
-            "/api/v1/auth/register",
-            r#"{"email":"bench@example.com","password":"bench passphrase 1","display_name":"Bench"}"#,
-        ))
-        .await?;
-    anyhow::ensure!(
-        status == 201,
-        "register failed: {status} {}",
-        String::from_utf8_lossy(&body)
-    );
-    let token = serde_json::from_slice::<serde_json::Value>(&body)?["access_token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let (addr, server) = serve_loopback(crate::cli::app_router(&app.state).merge(bare)).await?;
+    let token = register(addr, "bench@example.com", "Bench").await?;
 
     // Logins next to raw verification, interleaved in slices so that a change in
     // the machine's load affects both sides alike.

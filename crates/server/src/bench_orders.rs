@@ -6,7 +6,10 @@
 //! payments service alone are measured in the same run: an order is ~20
 //! commits over eight databases, a payment two or three.
 
-use crate::bench::{fsync_ceiling, machine_description, percentile, post_json, Conn, Report};
+use crate::bench::{
+    fsync_ceiling, lift_rate_limits, machine_description, percentile, register, serve_loopback,
+    Conn, Report,
+};
 use crate::config::Settings;
 use flowline_http::RequestContext;
 use std::io::Write;
@@ -93,15 +96,9 @@ pub async fn run(
         settings.database.url = "sqlite://".into();
     }
     settings.probe.enabled = false;
-    // One client from one address orders thousands of times: measure the
-    // flow, not the limiter or the fraud rules' velocity limits.
-    let r = &mut settings.ratelimit;
-    r.ip_per_minute = u32::MAX / 2;
-    r.ip_burst = u32::MAX / 2;
-    r.user_per_minute = u32::MAX / 2;
-    r.user_burst = u32::MAX / 2;
-    r.auth_per_minute = u32::MAX / 2;
-    r.auth_burst = u32::MAX / 2;
+    // One client orders thousands of times: measure the flow, not the
+    // limiter or the fraud rules' velocity limits.
+    lift_rate_limits(&mut settings);
     settings.payments.fraud_max_per_user = i64::MAX;
     settings.payments.fraud_max_per_card = i64::MAX;
     settings.payments.sandbox_latency.0 = Duration::ZERO;
@@ -110,30 +107,11 @@ pub async fn run(
 
     let app = crate::app::App::start(settings).await?;
     let state = app.state.clone();
-    let router = crate::cli::app_router(&state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-    });
+    let (addr, server) = serve_loopback(crate::cli::app_router(&state)).await?;
 
     // A customer, a product with stock, an address, and one cart per order.
+    let token = register(addr, "buyer@example.com", "Buyer").await?;
     let mut c = Conn::open(addr).await?;
-    let (status, body) = c
-        .send(&post_json(
-            "/api/v1/auth/register",
-            r#"{"email":"buyer@example.com","password":"bench passphrase 1","display_name":"Buyer"}"#,
-        ))
-        .await?;
-    anyhow::ensure!(status == 201, "register: {status}");
-    let token = serde_json::from_slice::<serde_json::Value>(&body)?["access_token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
     let me = format!(
         "GET /api/v1/users/me HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {token}\r\n\r\n"
     );
