@@ -17,9 +17,12 @@ pub const GROUP: &str = "notifications";
 pub const USER_TOPIC: &str = "user.events";
 pub const ORDERS_TOPIC: &str = "orders.events";
 pub const SHIPPING_TOPIC: &str = "shipping.events";
+/// `message.missed`: a mention or direct message for a user with no live
+/// connection (the messaging context decides who is offline).
+pub const MESSAGES_TOPIC: &str = "messaging.messages";
 /// Subscribed topics. `user.events` comes first: a pass of the consumer
 /// reads the directory's updates before the orders that need them.
-pub const TOPICS: &[&str] = &[USER_TOPIC, ORDERS_TOPIC, SHIPPING_TOPIC];
+pub const TOPICS: &[&str] = &[USER_TOPIC, ORDERS_TOPIC, SHIPPING_TOPIC, MESSAGES_TOPIC];
 /// A second group for [`DIRECTORY_TOPICS`] alone, run beside [`GROUP`].
 ///
 /// A consumer retries a failing event in place, holding its other topics
@@ -124,6 +127,16 @@ struct Shipment {
     at: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+struct Missed {
+    user_id: String,
+    reason: String,
+    channel_id: String,
+    author_id: String,
+    #[serde(default)]
+    excerpt: String,
+}
+
 fn parse<T: serde::de::DeserializeOwned>(e: &Envelope) -> Result<T, HandlerError> {
     serde_json::from_value(e.payload.clone()).map_err(|err| {
         HandlerError::permanent(format!("{} {}: bad payload: {err}", e.event_type, e.id))
@@ -209,12 +222,52 @@ impl Handler for Notifier {
                 }
                 self.notify(e, &p.user_id, key, v).await
             }
+            "message.missed" => {
+                let p: Missed = parse(e)?;
+                let key = if p.reason == "direct" {
+                    "message_direct"
+                } else {
+                    "message_mention"
+                };
+                let sender = match self.0.recipient(&p.author_id).await? {
+                    Some(r) if !r.display_name.is_empty() => r.display_name,
+                    _ => p.author_id.clone(),
+                };
+                let v = vars([
+                    ("sender", sender),
+                    ("conversation_id", p.channel_id),
+                    ("excerpt", p.excerpt),
+                ]);
+                self.notify(e, &p.user_id, key, v).await
+            }
             _ => Ok(()),
         }
     }
 }
 
 impl Notifier {
+    /// Queues a notification asked for directly rather than caused by an
+    /// event. `id` stands in for the event id: asking again with the same id
+    /// queues nothing more.
+    pub async fn request(
+        &self,
+        id: uuid::Uuid,
+        correlation_id: &str,
+        user_id: &str,
+        key: &'static str,
+        v: Vars,
+    ) -> Result<(), HandlerError> {
+        let draft = flowline_core::EventDraft::new(
+            "notifications.requests",
+            format!("request.{key}"),
+            user_id,
+            serde_json::to_value(&v)?,
+        );
+        let mut e = Envelope::stamp(draft, correlation_id, None);
+        e.id = id;
+        self.notify(&e, user_id, key, v).await
+    }
+
     async fn registered(&self, e: &Envelope, p: Registered) -> Result<(), HandlerError> {
         let locale = p
             .locale

@@ -186,6 +186,16 @@ pub const KINDS: &[Kind] = &[
         variables: &["name", "sender", "conversation_id", "excerpt"],
         channels: &[InApp, Push],
     },
+    Kind {
+        key: "message_direct",
+        variables: &["name", "sender", "conversation_id", "excerpt"],
+        channels: &[InApp, Push],
+    },
+    Kind {
+        key: "workspace_welcome",
+        variables: &["name", "workspace_name", "workspace_id"],
+        channels: &[InApp],
+    },
 ];
 
 pub fn kind(key: &str) -> Option<&'static Kind> {
@@ -341,6 +351,34 @@ pub const DEFAULTS: &[DefaultTemplate] = &[
         "{{sender}} mencionou você",
         "Olá {{name}},\n\n{{sender}} mencionou você: \"{{excerpt}}\"\n",
         "<p>Olá {{name}},</p><p>{{sender}} mencionou você:</p><blockquote>{{excerpt}}</blockquote>",
+    ),
+    (
+        "message_direct",
+        "en",
+        "New message from {{sender}}",
+        "Hi {{name}},\n\n{{sender}} wrote to you: \"{{excerpt}}\"\n",
+        "<p>Hi {{name}},</p><p>{{sender}} wrote to you:</p><blockquote>{{excerpt}}</blockquote>",
+    ),
+    (
+        "message_direct",
+        "pt-BR",
+        "Nova mensagem de {{sender}}",
+        "Olá {{name}},\n\n{{sender}} escreveu para você: \"{{excerpt}}\"\n",
+        "<p>Olá {{name}},</p><p>{{sender}} escreveu para você:</p><blockquote>{{excerpt}}</blockquote>",
+    ),
+    (
+        "workspace_welcome",
+        "en",
+        "Welcome to {{workspace_name}}",
+        "Hi {{name}},\n\nyour workspace {{workspace_name}} is ready; #general is waiting for you.\n",
+        "<p>Hi {{name}},</p><p>your workspace <b>{{workspace_name}}</b> is ready; #general is waiting for you.</p>",
+    ),
+    (
+        "workspace_welcome",
+        "pt-BR",
+        "Boas-vindas a {{workspace_name}}",
+        "Olá {{name}},\n\nseu espaço de trabalho {{workspace_name}} está pronto; o #general espera por você.\n",
+        "<p>Olá {{name}},</p><p>seu espaço de trabalho <b>{{workspace_name}}</b> está pronto; o #general espera por você.</p>",
     ),
 ];
 

@@ -36,6 +36,8 @@ pub struct AppState {
     pub shipping: Arc<flowline_shipping::Shipping>,
     pub orders: Arc<flowline_orders::Orders>,
     pub notifications: Arc<flowline_notifications::Notifications>,
+    pub messaging: Arc<flowline_messaging::Messaging>,
+    pub gateway: Arc<flowline_messaging::Gateway>,
 }
 
 impl AppState {
@@ -106,6 +108,12 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     )
     .await?;
     db.close().await;
+    let db = Db::open(&backend, "messaging").await?;
+    db.migrate(flowline_store::outbox::KERNEL_MIGRATIONS)
+        .await?;
+    db.migrate(flowline_messaging::MIGRATIONS).await?;
+    db.migrate(flowline_saga::MIGRATIONS).await?;
+    db.close().await;
     catalog_db.close().await;
     log.db().close().await;
     Ok(())
@@ -140,6 +148,44 @@ pub async fn open_ledger(
     let db = Db::open(&settings.backend()?, "ledger").await?;
     let relay = Relay::new(db.clone(), log.clone());
     Ok(flowline_ledger::Ledger::open(db, relay).await?)
+}
+
+/// The gateway checks socket tokens with identity, as REST requests are.
+struct IdentityTokens(Arc<Identity>);
+
+impl flowline_messaging::TokenCheck for IdentityTokens {
+    fn check<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> flowline_http::BoxFuture<'a, Result<flowline_http::Principal, flowline_http::ApiError>>
+    {
+        Box::pin(self.0.authenticate(token))
+    }
+}
+
+/// Step 4 of the create-workspace saga: an in-app welcome, queued once per
+/// workspace (its id is the notification's dedupe id).
+struct WorkspaceWelcome(Arc<flowline_notifications::Notifications>);
+
+impl flowline_messaging::WelcomeSender for WorkspaceWelcome {
+    fn send<'a>(
+        &'a self,
+        w: flowline_messaging::saga::Welcome<'a>,
+    ) -> flowline_saga::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let id = uuid::Uuid::parse_str(w.workspace_id).map_err(|e| e.to_string())?;
+            let vars = [
+                ("workspace_name".to_owned(), w.workspace_name.to_owned()),
+                ("workspace_id".to_owned(), w.workspace_id.to_owned()),
+            ]
+            .into_iter()
+            .collect();
+            flowline_notifications::Notifier(self.0.clone())
+                .request(id, w.correlation_id, w.user_id, "workspace_welcome", vars)
+                .await
+                .map_err(|e| e.message)
+        })
+    }
 }
 
 /// Carts read current prices through the catalog's API, never its tables.
@@ -430,9 +476,78 @@ impl App {
             );
         }
 
+        let messaging_db = Db::open(&backend, "messaging").await?;
+        let messaging_relay = Relay::new(messaging_db.clone(), log.clone());
+        let messaging = flowline_messaging::Messaging::open(
+            messaging_db.clone(),
+            messaging_relay.clone(),
+            Arc::new(WorkspaceWelcome(notifications.clone())),
+            settings.messaging_config(),
+        )
+        .await?;
+        messaging
+            .orchestrator()
+            .metrics()
+            .register(&mut metrics.registry);
+        if lock.is_some() {
+            messaging.orchestrator().release_leases().await?;
+        }
+        relays.push(tokio::spawn(messaging_relay.run(relay_rx.clone())));
+        databases.push(("messaging", messaging_db));
+        let gateway = flowline_messaging::Gateway::new(
+            messaging.clone(),
+            Arc::new(IdentityTokens(identity.clone())),
+        );
+        gateway.metrics().register(&mut metrics.registry);
+        // The directory and the feed: one group each for the cluster.
+        let opts = ConsumerOptions::new(
+            flowline_messaging::DIRECTORY_GROUP,
+            &[flowline_identity::service::USER_TOPIC],
+        );
+        consumers.push(
+            log.subscribe(
+                opts,
+                flowline_messaging::Directory(messaging.clone()),
+                shutdown_rx.clone(),
+            )
+            .await?
+            .task,
+        );
+        let mut opts = ConsumerOptions::new(
+            flowline_messaging::FEED_GROUP,
+            &flowline_messaging::FEED_TOPICS,
+        );
+        opts.start = ReplayFrom::Latest;
+        consumers.push(
+            log.subscribe(
+                opts,
+                flowline_messaging::FeedWriter(messaging.clone()),
+                shutdown_rx.clone(),
+            )
+            .await?
+            .task,
+        );
+        // Fan-out: every node reads every channel event, from now on.
+        let mut opts = ConsumerOptions::new(
+            format!("messaging.fanout.{}", settings.server.node_id),
+            &flowline_messaging::FANOUT_TOPICS,
+        );
+        opts.start = ReplayFrom::Latest;
+        consumers.push(
+            log.subscribe(
+                opts,
+                flowline_messaging::Fanout(gateway.clone()),
+                shutdown_rx.clone(),
+            )
+            .await?
+            .task,
+        );
+
         let housekeeping = vec![
             tokio::spawn(notifications.clone().run(shutdown_rx.clone())),
             tokio::spawn(orders.orchestrator().clone().run(shutdown_rx.clone())),
+            tokio::spawn(messaging.orchestrator().clone().run(shutdown_rx.clone())),
+            tokio::spawn(gateway.clone().run(shutdown_rx.clone())),
             tokio::spawn(sweep_reservations(
                 inventory.clone(),
                 settings.inventory.sweep_interval.0,
@@ -481,6 +596,8 @@ impl App {
             shipping,
             orders,
             notifications,
+            messaging,
+            gateway,
         });
         Ok(App {
             state,

@@ -59,7 +59,7 @@ pub enum Command {
     /// Check the ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
-    /// Inspect sagas (order placement and cancellation).
+    /// Inspect sagas (order placement and cancellation, workspace creation).
     #[command(subcommand)]
     Saga(SagaCommand),
     /// Run a benchmark scenario.
@@ -284,25 +284,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Saga(cmd) => {
             let log = open_log(&settings).await?;
-            let db = flowline_store::Db::open(&settings.backend()?, "orders").await?;
-            let relay = flowline_store::outbox::Relay::new(db.clone(), log.clone());
+            // Orders and messaging keep their sagas in their own databases.
             // Read-only: no definitions, so nothing here ever runs a step.
-            let orch = flowline_saga::Orchestrator::new(
-                db,
-                relay,
-                Vec::new(),
-                flowline_saga::SagaOptions::default(),
-            )
-            .await?;
+            let mut orchs = Vec::new();
+            for service in ["orders", "messaging"] {
+                let db = flowline_store::Db::open(&settings.backend()?, service).await?;
+                let relay = flowline_store::outbox::Relay::new(db.clone(), log.clone());
+                orchs.push(
+                    flowline_saga::Orchestrator::new(
+                        db,
+                        relay,
+                        Vec::new(),
+                        flowline_saga::SagaOptions::default(),
+                    )
+                    .await?,
+                );
+            }
             match cmd {
-                SagaCommand::Show { id, json } => match orch.get(&id).await? {
-                    Some(d) => crate::sagas::print_detail(&d, json)?,
-                    None => anyhow::bail!("no saga `{id}`"),
-                },
+                SagaCommand::Show { id, json } => {
+                    for orch in &orchs {
+                        if let Some(d) = orch.get(&id).await? {
+                            return crate::sagas::print_detail(&d, json);
+                        }
+                    }
+                    anyhow::bail!("no saga `{id}`")
+                }
                 SagaCommand::List { status, limit } => {
-                    for s in orch.list(status.as_deref(), limit).await? {
+                    let mut all = Vec::new();
+                    for orch in &orchs {
+                        all.extend(orch.list(status.as_deref(), limit).await?);
+                    }
+                    all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+                    all.truncate(limit.max(0) as usize);
+                    for s in all {
                         println!(
-                            "{}  {:<12} {:<13} {:<16} {}",
+                            "{}  {:<16} {:<13} {:<22} {}",
                             s.created_at.to_rfc3339(),
                             s.name,
                             s.status.as_str(),
@@ -461,6 +477,10 @@ fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate
     let (notify_user, notify_admin) =
         flowline_notifications::routes::routes(state.notifications.clone());
     let notify_user = notify_user.route_layer(from_fn_with_state(auth.clone(), require_auth));
+    // The socket authenticates itself (header or first frame); REST and SSE
+    // go through the gateway's authentication.
+    let (messaging_api, messaging_ws) = flowline_messaging::routes::routes(state.gateway.clone());
+    let messaging_api = messaging_api.route_layer(from_fn_with_state(auth.clone(), require_auth));
     // Admin-only, behind one stack: authenticate (outer), then the role.
     let admin = axum::Router::new()
         .merge(orders_admin)
@@ -479,6 +499,8 @@ fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate
         .merge(orders_user)
         .merge(shipping_user)
         .merge(notify_user)
+        .merge(messaging_api)
+        .merge(messaging_ws)
         .merge(admin)
         .merge(flowline_identity::routes::api_routes(auth))
         .merge(catalog_public)

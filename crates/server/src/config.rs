@@ -25,6 +25,49 @@ pub struct Settings {
     pub payments: PaymentSettings,
     pub orders: OrderSettings,
     pub notifications: NotificationSettings,
+    pub messaging: MessagingSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagingSettings {
+    /// Longest message body, in characters.
+    pub max_message_chars: usize,
+    /// Largest WebSocket frame accepted (bytes); larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Frames queued per connection before it is closed as a slow consumer.
+    pub send_queue: usize,
+    /// Frames a client may send per second, sustained and in a burst.
+    pub client_rate_per_sec: f64,
+    pub client_burst: u32,
+    /// Time to send the `auth` frame when the upgrade had no token.
+    pub auth_timeout: HumanDuration,
+    pub ping_interval: HumanDuration,
+    /// A connection that sends nothing (not even a pong) this long is closed.
+    pub idle_timeout: HumanDuration,
+    pub typing_ttl: HumanDuration,
+    pub sse_heartbeat: HumanDuration,
+    /// Create-workspace steps that fail on purpose, comma-separated (drills).
+    pub failpoints: String,
+}
+
+impl Default for MessagingSettings {
+    fn default() -> Self {
+        let d = flowline_messaging::MessagingConfig::default();
+        MessagingSettings {
+            max_message_chars: d.max_message_chars,
+            max_frame_bytes: d.max_frame_bytes,
+            send_queue: d.send_queue,
+            client_rate_per_sec: d.client_rate_per_sec,
+            client_burst: d.client_burst,
+            auth_timeout: HumanDuration(d.auth_timeout),
+            ping_interval: HumanDuration(d.ping_interval),
+            idle_timeout: HumanDuration(d.idle_timeout),
+            typing_ttl: HumanDuration(d.typing_ttl),
+            sse_heartbeat: HumanDuration(d.sse_heartbeat),
+            failpoints: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -333,6 +376,7 @@ impl Default for Settings {
             payments: PaymentSettings::default(),
             orders: OrderSettings::default(),
             notifications: NotificationSettings::default(),
+            messaging: MessagingSettings::default(),
         }
     }
 }
@@ -565,6 +609,36 @@ impl Settings {
         {
             bail!("invalid configuration key `orders.saga_lease`/`orders.saga_poll`: lease at least 100ms, poll positive");
         }
+        let m = &self.messaging;
+        if m.max_message_chars == 0 || m.send_queue == 0 || m.client_burst == 0 {
+            bail!("invalid configuration key `messaging.max_message_chars`/`send_queue`/`client_burst`: must be positive");
+        }
+        if !(m.client_rate_per_sec > 0.0) || m.max_frame_bytes < 1024 {
+            bail!("invalid configuration key `messaging.client_rate_per_sec`/`max_frame_bytes`: rate positive, frames at least 1024 bytes");
+        }
+        if m.ping_interval.0.is_zero() || m.idle_timeout.0 <= m.ping_interval.0 {
+            bail!("invalid configuration key `messaging.idle_timeout`: must be longer than `messaging.ping_interval` (a live client answers pings)");
+        }
+        if m.auth_timeout.0.is_zero() || m.typing_ttl.0.is_zero() || m.sse_heartbeat.0.is_zero() {
+            bail!("invalid configuration key `messaging.auth_timeout`/`typing_ttl`/`sse_heartbeat`: must be positive");
+        }
+        for f in m
+            .failpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            if ![
+                "create_workspace",
+                "create_default_channel",
+                "add_creator_admin",
+                "welcome_notification",
+            ]
+            .contains(&f)
+            {
+                bail!("invalid configuration key `messaging.failpoints`: unknown step `{f}`");
+            }
+        }
         if let Err(e) = flowline_orders::Failpoints::parse(&self.orders.failpoints) {
             bail!("invalid configuration key `orders.failpoints`: {e}");
         }
@@ -666,6 +740,31 @@ impl Settings {
             },
             // Checked by `validate`.
             failpoints: flowline_orders::Failpoints::parse(&o.failpoints).unwrap_or_default(),
+        }
+    }
+
+    pub fn messaging_config(&self) -> flowline_messaging::MessagingConfig {
+        let m = &self.messaging;
+        flowline_messaging::MessagingConfig {
+            node_id: self.server.node_id.clone(),
+            max_message_chars: m.max_message_chars,
+            max_frame_bytes: m.max_frame_bytes,
+            send_queue: m.send_queue,
+            client_rate_per_sec: m.client_rate_per_sec,
+            client_burst: m.client_burst,
+            auth_timeout: m.auth_timeout.0,
+            ping_interval: m.ping_interval.0,
+            idle_timeout: m.idle_timeout.0,
+            typing_ttl: m.typing_ttl.0,
+            sse_heartbeat: m.sse_heartbeat.0,
+            saga: self.orders_config().saga,
+            failpoints: m
+                .failpoints
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
         }
     }
 

@@ -98,6 +98,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(flowline_shipping::routes::ShippingApi::openapi());
     doc.merge(crate::sagas::SagasApi::openapi());
     doc.merge(flowline_notifications::routes::NotificationsApi::openapi());
+    doc.merge(flowline_messaging::routes::MessagingApi::openapi());
     doc
 }
 

@@ -53,16 +53,26 @@ pub async fn list(
     if !bad.errors.is_empty() {
         return Err(bad.into());
     }
-    let items = state
+    // Orders and messaging each keep their sagas in their own database.
+    let mut items = state
         .orders
         .orchestrator()
         .list(q.status.as_deref(), limit)
         .await?;
+    items.extend(
+        state
+            .messaging
+            .orchestrator()
+            .list(q.status.as_deref(), limit)
+            .await?,
+    );
+    items.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    items.truncate(limit as usize);
     Ok(Json(serde_json::json!({ "items": items })))
 }
 
 #[utoipa::path(get, path = "/api/v1/admin/sagas/{id}", tag = "admin", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Saga id (an order's place saga has the order's id)")),
+    params(("id" = String, Path, description = "Saga id (an order's place saga has the order's id; a create-workspace saga the workspace's)")),
     responses((status = 200, description = "The instance and its timeline: every attempt of every step and compensation with timings, outputs and errors; secrets redacted", body = Object),
         (status = 403, description = "Not an admin", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 404, description = "No such saga", body = ProblemDoc, content_type = "application/problem+json")))]
@@ -70,7 +80,11 @@ pub async fn show(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match state.orders.orchestrator().get(&id).await? {
+    let found = match state.orders.orchestrator().get(&id).await? {
+        Some(d) => Some(d),
+        None => state.messaging.orchestrator().get(&id).await?,
+    };
+    match found {
         Some(d) => Ok(Json(
             serde_json::to_value(d).map_err(flowline_store::StoreError::from)?,
         )),

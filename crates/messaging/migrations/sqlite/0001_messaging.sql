@@ -1,0 +1,113 @@
+-- Who can be named in messaging: a read model of `user.events` (this context
+-- never reads identity's tables).
+CREATE TABLE users (
+    user_id      TEXT    PRIMARY KEY,
+    display_name TEXT    NOT NULL,
+    active       INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL
+);
+
+-- Written by the create-workspace saga: CREATING until its critical steps
+-- are done, FAILED when they were compensated.
+CREATE TABLE workspaces (
+    id         TEXT    PRIMARY KEY,
+    name       TEXT    NOT NULL,
+    created_by TEXT    NOT NULL,
+    status     TEXT    NOT NULL CHECK (status IN ('CREATING', 'ACTIVE', 'FAILED')),
+    failure    TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE workspace_members (
+    workspace_id TEXT    NOT NULL REFERENCES workspaces (id),
+    user_id      TEXT    NOT NULL,
+    role         TEXT    NOT NULL CHECK (role IN ('owner', 'admin', 'member')),
+    joined_at    INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX workspace_members_user ON workspace_members (user_id);
+
+-- `last_seq` is the channel's sequence: every message, edit, delete and
+-- reaction takes the next number, under the row's write lock.
+CREATE TABLE channels (
+    id           TEXT    PRIMARY KEY,
+    workspace_id TEXT    NOT NULL REFERENCES workspaces (id),
+    name         TEXT    NOT NULL,
+    kind         TEXT    NOT NULL CHECK (kind IN ('public', 'private', 'direct')),
+    topic        TEXT,
+    created_by   TEXT    NOT NULL,
+    last_seq     INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    UNIQUE (workspace_id, name)
+);
+CREATE TABLE channel_members (
+    channel_id TEXT    NOT NULL REFERENCES channels (id),
+    user_id    TEXT    NOT NULL,
+    joined_at  INTEGER NOT NULL,
+    read_seq   INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX channel_members_user ON channel_members (user_id);
+
+-- A deleted message keeps its row as a tombstone (body NULL, deleted_at set).
+CREATE TABLE messages (
+    id         TEXT    PRIMARY KEY,
+    channel_id TEXT    NOT NULL REFERENCES channels (id),
+    seq        INTEGER NOT NULL,
+    author_id  TEXT    NOT NULL,
+    parent_id  TEXT,
+    body       TEXT,
+    client_id  TEXT,
+    created_at INTEGER NOT NULL,
+    edited_at  INTEGER,
+    deleted_at INTEGER,
+    UNIQUE (channel_id, seq)
+);
+-- A client's retried send (same client_id) is the same message.
+CREATE UNIQUE INDEX messages_client ON messages (channel_id, author_id, client_id)
+    WHERE client_id IS NOT NULL;
+CREATE INDEX messages_parent ON messages (parent_id) WHERE parent_id IS NOT NULL;
+CREATE TABLE reactions (
+    message_id TEXT    NOT NULL REFERENCES messages (id),
+    user_id    TEXT    NOT NULL,
+    emoji      TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (message_id, user_id, emoji)
+) WITHOUT ROWID;
+
+-- Every sequenced change of a channel, for gap-free resume: a client that
+-- saw seq N is sent exactly the rows after N.
+CREATE TABLE channel_events (
+    channel_id TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    kind       TEXT    NOT NULL,
+    payload    TEXT    NOT NULL,
+    at         INTEGER NOT NULL,
+    PRIMARY KEY (channel_id, seq)
+) WITHOUT ROWID;
+
+-- Live connections per node and user: a user is online while any row exists.
+CREATE TABLE presence_connections (
+    node_id     TEXT    NOT NULL,
+    user_id     TEXT    NOT NULL,
+    connections INTEGER NOT NULL,
+    since       INTEGER NOT NULL,
+    PRIMARY KEY (node_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX presence_connections_user ON presence_connections (user_id);
+CREATE TABLE last_seen (
+    user_id TEXT    PRIMARY KEY,
+    at      INTEGER NOT NULL
+);
+
+-- The user's own event feed behind GET /api/v1/events (id = Last-Event-ID).
+CREATE TABLE feed (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id  TEXT    NOT NULL,
+    event_id TEXT    NOT NULL,
+    kind     TEXT    NOT NULL,
+    payload  TEXT    NOT NULL,
+    at       INTEGER NOT NULL,
+    UNIQUE (user_id, event_id)
+);
+CREATE INDEX feed_user ON feed (user_id, id);
