@@ -445,7 +445,7 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, principal: Option<Principal>
     gw.unregister(&conn);
     conn.kick(Kick {
         code: close::NORMAL,
-                flush: true,
+        flush: true,
         reason: "bye",
         error: None,
     });
@@ -526,7 +526,7 @@ impl Reader {
                     self.gw.metrics.closed("idle");
                     self.conn.kick(Kick {
                         code: close::IDLE,
-                flush: true,
+                        flush: true,
                         reason: "idle",
                         error: Some(error_frame("idle", "nothing received in time", None)),
                     });
@@ -542,7 +542,7 @@ impl Reader {
                         self.gw.metrics.closed("too_big");
                         self.conn.kick(Kick {
                             code: close::TOO_BIG,
-                flush: false,
+                            flush: false,
                             reason: "frame too big",
                             error: Some(error_frame(
                                 "frame_too_big",
@@ -1112,7 +1112,7 @@ impl Handler for Fanout {
                         user_id,
                         Kick {
                             code: close::BANNED,
-                flush: false,
+                            flush: false,
                             reason: "banned",
                             error: Some(error_frame(
                                 "account_banned",

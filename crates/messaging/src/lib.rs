@@ -32,6 +32,7 @@ pub use gateway::{Fanout, Gateway, TokenCheck, FANOUT_TOPICS};
 pub use metrics::GatewayMetrics;
 pub use model::*;
 pub use saga::{WelcomeSender, WORKSPACE_SAGA};
+pub use service::{Access, FeedEntry, MessagePage, NewMessage, Presence, MAX_PAGE};
 
 use flowline_saga::{Orchestrator, SagaOptions};
 use flowline_store::outbox::{self, Relay};

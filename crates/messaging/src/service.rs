@@ -820,13 +820,16 @@ impl Messaging {
             }
         }
         let mut tx = self.db.begin().await?;
+        // The channel's row lock first: a concurrent retry with the same
+        // client_id has then committed, and this lookup sees it.
+        let (seq, workspace_id) = next_seq(&mut tx, channel_id).await?;
         if let Some(cid) = &new.client_id {
             if let Some(m) = by_client_id(&mut tx, channel_id, user_id, cid).await? {
+                // Rolling back gives the sequence number back.
                 tx.rollback().await?;
                 return Ok((self.with_reactions(m).await?, false));
             }
         }
-        let (seq, workspace_id) = next_seq(&mut tx, channel_id).await?;
         let now = Timestamp::now().as_micros();
         let msg = Message {
             id: flowline_core::id::new_id().to_string(),
@@ -909,21 +912,7 @@ impl Messaging {
             )
             .await?;
         }
-        match tx.commit().await {
-            Ok(()) => {}
-            // Two sends with one client_id raced: the other one won.
-            Err(e) if new.client_id.is_some() && is_unique_violation(&e) => {
-                let cid = new.client_id.as_deref().unwrap_or_default();
-                let mut tx = self.db.begin().await?;
-                let m = by_client_id(&mut tx, channel_id, user_id, cid).await?;
-                tx.rollback().await?;
-                if let Some(m) = m {
-                    return Ok((self.with_reactions(m).await?, false));
-                }
-                return Err(e.into());
-            }
-            Err(e) => return Err(e.into()),
-        }
+        tx.commit().await?;
         self.relay.notify();
         Ok((msg, true))
     }
@@ -1298,6 +1287,7 @@ impl Messaging {
     pub async fn presence_up(&self, user_id: &str) -> Result<(), StoreError> {
         let now = Timestamp::now().as_micros();
         let mut tx = self.db.begin().await?;
+        lock_user(&mut tx, user_id).await?;
         let others: i64 = on_tx!(&mut tx, |c| sqlx::query_scalar(
             "SELECT COUNT(*) FROM presence_connections WHERE user_id = $1 AND node_id <> $2"
         )
@@ -1337,6 +1327,7 @@ impl Messaging {
     /// The last connection of `user_id` on this node closed.
     pub async fn presence_down(&self, user_id: &str) -> Result<(), StoreError> {
         let mut tx = self.db.begin().await?;
+        lock_user(&mut tx, user_id).await?;
         let n = on_tx!(&mut tx, |c| sqlx::query(
             "DELETE FROM presence_connections WHERE node_id = $1 AND user_id = $2"
         )
@@ -1508,11 +1499,18 @@ impl Messaging {
     }
 }
 
-fn is_unique_violation(e: &StoreError) -> bool {
-    match e {
-        StoreError::Database(sqlx::Error::Database(d)) => d.is_unique_violation(),
-        _ => false,
-    }
+/// Serialises one user's presence changes across nodes: each node counts
+/// the others' rows, which must not change under it.
+async fn lock_user(tx: &mut Tx, user_id: &str) -> Result<(), StoreError> {
+    on_tx!(tx, |c| sqlx::query(
+        "INSERT INTO last_seen (user_id, at) VALUES ($1, NULL)
+         ON CONFLICT (user_id) DO UPDATE SET at = last_seen.at"
+    )
+    .bind(user_id)
+    .execute(c)
+    .await
+    .map(|_| ()))
+    .map_err(StoreError::from)
 }
 
 /// Takes the channel's next sequence number; holds its row lock to commit.

@@ -41,6 +41,26 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// WebSocket fan-out: one channel of `members` subscribers among
+    /// `clients` connections, a sender at `rate` messages/s, delivery
+    /// latency, memory per idle connection, and a bare broadcast server on
+    /// the same library as the peer. The server runs as its own process.
+    Realtime {
+        /// Connections in all (subscribers plus idle ones).
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Members of the channel, each with one subscribed connection.
+        #[arg(long, default_value_t = 1000)]
+        members: usize,
+        /// Messages sent.
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        /// Messages per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Product search on a generated catalog: the tantivy index next to SQLite
     /// FTS5 (bm25, same data, same filters) in the same run.
     Search {
@@ -150,6 +170,18 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
             let s = settings.clone();
             in_fresh_dir(&settings, json, |dir| async move {
                 crate::bench_orders::run(s, &dir, orders.max(1), concurrency.max(1)).await
+            })
+            .await
+        }
+        BenchCommand::Realtime {
+            clients,
+            members,
+            messages,
+            rate,
+            json,
+        } => {
+            in_fresh_dir(&settings, json, |dir| async move {
+                crate::bench_realtime::run(&dir, clients, members, messages.max(1), rate).await
             })
             .await
         }

@@ -4,6 +4,7 @@ mod app;
 mod bench;
 mod bench_commerce;
 mod bench_orders;
+mod bench_realtime;
 mod bench_search;
 mod cli;
 mod config;

@@ -95,9 +95,11 @@ CREATE TABLE presence_connections (
     PRIMARY KEY (node_id, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX presence_connections_user ON presence_connections (user_id);
+-- One row per user who ever connected; its row lock serialises the user's
+-- presence changes across nodes. `at`: when the last connection closed.
 CREATE TABLE last_seen (
     user_id TEXT    PRIMARY KEY,
-    at      INTEGER NOT NULL
+    at      INTEGER
 );
 
 -- The user's own event feed behind GET /api/v1/events (id = Last-Event-ID).
