@@ -91,7 +91,6 @@ struct Conn {
     user_id: String,
     tx: mpsc::Sender<Out>,
     kick: watch::Sender<Option<Kick>>,
-    workspaces: Vec<String>,
 }
 
 impl Conn {
@@ -111,6 +110,8 @@ impl Conn {
 struct Registry {
     conns: HashMap<u64, Arc<Conn>>,
     channels: HashMap<String, Vec<Arc<Conn>>>,
+    /// Connections that asked for a workspace's presence. Opt-in: sent to
+    /// every connection, a login storm of N users would cost N × N frames.
     workspaces: HashMap<String, Vec<Arc<Conn>>>,
     users: HashMap<String, Vec<u64>>,
 }
@@ -225,12 +226,6 @@ impl Gateway {
 
     fn register(&self, conn: Arc<Conn>) {
         let mut r = self.registry.lock().expect("poisoned");
-        for w in &conn.workspaces {
-            r.workspaces
-                .entry(w.clone())
-                .or_default()
-                .push(conn.clone());
-        }
         let list = r.users.entry(conn.user_id.clone()).or_default();
         list.push(conn.id);
         if list.len() == 1 {
@@ -250,14 +245,10 @@ impl Gateway {
             subs.retain(|c| c.id != conn.id);
             !subs.is_empty()
         });
-        for w in &conn.workspaces {
-            if let Some(list) = r.workspaces.get_mut(w) {
-                list.retain(|c| c.id != conn.id);
-                if list.is_empty() {
-                    r.workspaces.remove(w);
-                }
-            }
-        }
+        r.workspaces.retain(|_, subs| {
+            subs.retain(|c| c.id != conn.id);
+            !subs.is_empty()
+        });
         if let Some(list) = r.users.get_mut(&conn.user_id) {
             list.retain(|id| *id != conn.id);
             if list.is_empty() {
@@ -275,6 +266,17 @@ impl Gateway {
         }
         subs.push(conn.clone());
         true
+    }
+
+    fn watch_presence(&self, conn: &Arc<Conn>, workspace_id: &str, on: bool) {
+        let mut r = self.registry.lock().expect("poisoned");
+        let subs = r.workspaces.entry(workspace_id.to_owned()).or_default();
+        subs.retain(|c| c.id != conn.id);
+        if on {
+            subs.push(conn.clone());
+        } else if subs.is_empty() {
+            r.workspaces.remove(workspace_id);
+        }
     }
 
     fn unsubscribe(&self, conn: &Conn, channel_id: &str) {
@@ -403,11 +405,6 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, principal: Option<Principal>
             }
         },
     };
-    let workspaces = gw
-        .messaging
-        .workspace_ids(&principal.user_id)
-        .await
-        .unwrap_or_default();
     let (tx, rx) = mpsc::channel(cfg.send_queue.max(1));
     let (kick, kick_rx) = watch::channel(None);
     let conn = Arc::new(Conn {
@@ -415,7 +412,6 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, principal: Option<Principal>
         user_id: principal.user_id.clone(),
         tx,
         kick,
-        workspaces,
     });
     let ready = json!({"v": PROTOCOL_VERSION, "type": "ready", "user_id": conn.user_id,
         "connection_id": conn.id, "limits": {
@@ -562,9 +558,9 @@ impl Reader {
                         continue;
                     }
                     if let Some(reply) = self.handle(&t).await {
-                        if self.conn.tx.send(Out::Text(reply)).await.is_err() {
-                            return;
-                        }
+                        // A client that sends but never reads fills its own
+                        // queue with replies: a slow consumer like any other.
+                        self.gw.offer(&self.conn, Out::Text(reply));
                     }
                 }
                 WsMessage::Binary(_) => {
@@ -574,9 +570,7 @@ impl Reader {
                     }
                     self.gw.metrics.rejected("binary_not_supported");
                     let e = error_frame("binary_not_supported", "frames are JSON text", None);
-                    if self.conn.tx.send(Out::Text(e)).await.is_err() {
-                        return;
-                    }
+                    self.gw.offer(&self.conn, Out::Text(e));
                 }
                 WsMessage::Close(_) => return,
                 WsMessage::Ping(_) | WsMessage::Pong(_) => {}
@@ -663,6 +657,8 @@ impl Reader {
                 "this connection is authenticated".to_owned(),
             )),
             "subscribe" => self.subscribe(&v).await,
+            "presence_subscribe" => self.presence(&v, true).await,
+            "presence_unsubscribe" => self.presence(&v, false).await,
             "unsubscribe" => self.unsubscribe(&v).await,
             "send" => self.send(&v).await,
             "edit" => self.edit(&v).await,
@@ -730,6 +726,34 @@ impl Reader {
         Ok(Value::Null)
     }
 
+    /// Presence of a workspace's members: who is online now, then changes.
+    async fn presence(&mut self, v: &Value, on: bool) -> Result<Value, (String, String)> {
+        let workspace_id = str_field(v, "workspace_id")?;
+        if !on {
+            self.gw.watch_presence(&self.conn, workspace_id, false);
+            return Ok(json!({"type": "presence_unsubscribed", "workspace_id": workspace_id}));
+        }
+        // Watching first, then the snapshot: a change in between is sent
+        // twice at worst, never missed.
+        let members = self
+            .gw
+            .messaging
+            .presence(workspace_id, &self.conn.user_id)
+            .await
+            .map_err(problem)?;
+        self.gw.watch_presence(&self.conn, workspace_id, true);
+        let members = self
+            .gw
+            .messaging
+            .presence(workspace_id, &self.conn.user_id)
+            .await
+            .unwrap_or(members);
+        Ok(
+            json!({"type": "presence_subscribed", "workspace_id": workspace_id,
+                  "members": members}),
+        )
+    }
+
     async fn unsubscribe(&mut self, v: &Value) -> Result<Value, (String, String)> {
         let channel_id = str_field(v, "channel_id")?;
         self.gw.unsubscribe(&self.conn, channel_id);
@@ -739,11 +763,8 @@ impl Reader {
     }
 
     async fn queue(&self, out: Out) -> Result<(), (String, String)> {
-        self.conn
-            .tx
-            .send(out)
-            .await
-            .map_err(|_| ("closed".to_owned(), "connection closing".to_owned()))
+        self.gw.offer(&self.conn, out);
+        Ok(())
     }
 
     async fn send(&mut self, v: &Value) -> Result<Value, (String, String)> {
@@ -947,7 +968,10 @@ async fn write_loop(
                 if let Some(k) = k {
                     // Best effort: a client that stopped reading may never
                     // take these, and the socket closes anyway.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    // A slow consumer gets longer: its farewell waits behind
+                    // everything already in its socket.
+                    let grace = Duration::from_secs(if k.flush { 2 } else { 10 });
+                    let _ = tokio::time::timeout(grace, async {
                         if k.flush {
                             let mut n = 0;
                             while let Ok(out) = rx.try_recv() {
@@ -1100,6 +1124,10 @@ impl Handler for Fanout {
                 } else {
                     "offline"
                 };
+                if gw.registry.lock().expect("poisoned").workspaces.is_empty() {
+                    // Nobody here watches presence: skip the lookup.
+                    return Ok(());
+                }
                 let workspaces = gw.messaging.workspace_ids(user_id).await?;
                 let frame = json!({"v": PROTOCOL_VERSION, "type": "presence", "user_id": user_id,
                     "status": status, "at": e.payload.get("at"),

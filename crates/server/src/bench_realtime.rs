@@ -185,10 +185,17 @@ async fn connect(addr: SocketAddr, token: &str) -> anyhow::Result<Socket> {
     let mut req = format!("ws://{addr}/api/v1/ws").into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(req, Some(client_config()), false).await?;
     // `ready`
     ws.next().await;
     Ok(ws)
+}
+
+/// Small read buffers: the library's default (128 KiB, zeroed as it grows)
+/// would make the load generator, not the server, the bottleneck.
+fn client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024)
 }
 
 /// The send time in a delivered frame's body (`t=<µs>`).
@@ -201,13 +208,17 @@ fn sent_at(frame: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// What one receiver saw: latencies (µs), when the last came, and whether
+/// it was closed as a slow consumer.
+type Received = (Vec<u32>, Option<Instant>, bool);
+
 /// Reads until `expected` timed frames came, the socket closed, or `stop`.
 /// (latencies in µs, receive time of the last, closed as slow consumer).
 async fn receive(
     mut ws: impl futures_util::Stream<Item = Result<Ws, tokio_tungstenite::tungstenite::Error>> + Unpin,
     expected: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> (Vec<u32>, Option<Instant>, bool) {
+) -> Received {
     let mut lat = Vec::with_capacity(expected);
     let mut last = None;
     let mut slow = false;
@@ -243,7 +254,7 @@ struct Phase {
 
 /// Paces `messages` sends at `rate`, waits for the receivers, sums up.
 async fn measure(
-    receivers: Vec<tokio::task::JoinHandle<(Vec<u32>, Option<Instant>, bool)>>,
+    receivers: Vec<tokio::task::JoinHandle<Received>>,
     stop: tokio::sync::watch::Sender<bool>,
     messages: usize,
     rate: f64,
@@ -427,7 +438,10 @@ pub async fn run(
         .into_iter()
         .map(|ws| tokio::spawn(receive(ws, messages, stop_rx.clone())))
         .collect();
-    let sender = Arc::new(tokio::sync::Mutex::new(connect(addr, &tokens[0]).await?));
+    // The sender reads its acks, or its own queue would fill and stop it.
+    let (sink, mut acks) = connect(addr, &tokens[0]).await?.split();
+    let ack_reader = tokio::spawn(async move { while let Some(Ok(_)) = acks.next().await {} });
+    let sender = Arc::new(tokio::sync::Mutex::new(sink));
     let phase = {
         let general = general.clone();
         let sender = sender.clone();
@@ -451,6 +465,7 @@ pub async fn run(
         t.abort();
     }
     drop(sender);
+    ack_reader.abort();
     drop(server);
 
     // The bare peer.
@@ -515,7 +530,14 @@ async fn bare_peer(receivers: usize, messages: usize, rate: f64) -> anyhow::Resu
         })
     };
     let sockets: Vec<_> = futures_util::stream::iter(0..receivers)
-        .map(|_| async move { tokio_tungstenite::connect_async(format!("ws://{addr}/")).await })
+        .map(|_| async move {
+            tokio_tungstenite::connect_async_with_config(
+                format!("ws://{addr}/"),
+                Some(client_config()),
+                false,
+            )
+            .await
+        })
         .buffer_unordered(64)
         .collect::<Vec<_>>()
         .await

@@ -613,7 +613,10 @@ impl Settings {
         if m.max_message_chars == 0 || m.send_queue == 0 || m.client_burst == 0 {
             bail!("invalid configuration key `messaging.max_message_chars`/`send_queue`/`client_burst`: must be positive");
         }
-        if !(m.client_rate_per_sec > 0.0) || m.max_frame_bytes < 1024 {
+        if m.client_rate_per_sec.is_nan()
+            || m.client_rate_per_sec <= 0.0
+            || m.max_frame_bytes < 1024
+        {
             bail!("invalid configuration key `messaging.client_rate_per_sec`/`max_frame_bytes`: rate positive, frames at least 1024 bytes");
         }
         if m.ping_interval.0.is_zero() || m.idle_timeout.0 <= m.ping_interval.0 {

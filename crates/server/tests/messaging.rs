@@ -338,7 +338,7 @@ async fn two_then_fifty_clients_receive_every_message_once_in_order_and_resume_w
     }
     // Ten senders at once, ten messages each, over REST.
     let mut senders = Vec::new();
-    for (t, _) in people.iter().cloned() {
+    for (t, _) in people.clone() {
         let url = s.url(&format!("/api/v1/channels/{general}/messages"));
         senders.push(std::thread::spawn(move || {
             for j in 0..10 {
@@ -721,6 +721,18 @@ async fn offline_users_get_one_notification_per_missed_mention_or_dm_and_presenc
     let (ws_id, general) = workspace(&s, &alice.0, &[&dave.1]);
     let mut a = Client::connect(&s, &alice.0).await;
     a.subscribe(&general, None).await;
+    // Presence is opt-in per workspace: a snapshot, then changes.
+    a.send(json!({"type": "presence_subscribe", "workspace_id": ws_id}))
+        .await;
+    let (snap, _) = a.until("presence_subscribed").await;
+    let online: Vec<&str> = snap["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["online"] == true)
+        .filter_map(|m| m["user_id"].as_str())
+        .collect();
+    assert!(!online.contains(&dave.1.as_str()), "{snap}");
 
     // Dave is offline: two mentions and a direct message.
     post(&s, &alice.0, &general, &format!("hey <@{}> look", dave.1));
@@ -866,6 +878,109 @@ async fn workspace_saga_and_the_sse_feed_with_resume() {
     }
     let mut rest = [0u8; 0];
     let _ = r.read(&mut rest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_told_and_disconnected_and_the_others_get_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let s = Server::start(
+        &data,
+        &[
+            ("FLOWLINE__MESSAGING__SEND_QUEUE", "128"),
+            ("FLOWLINE__MESSAGING__CLIENT_RATE_PER_SEC", "100000"),
+            ("FLOWLINE__MESSAGING__CLIENT_BURST", "100000"),
+        ],
+    );
+    let people = users(&s, "s", 3);
+    let ids: Vec<&str> = people[1..].iter().map(|p| p.1.as_str()).collect();
+    let (_, general) = workspace(&s, &people[0].0, &ids);
+    let mut good = Client::connect(&s, &people[1].0).await;
+    good.subscribe(&general, None).await;
+    // The slow one: a tiny receive window.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let tcp = sock.connect(addr).await.unwrap();
+    let mut req = ws_url(&s).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", people[2].0).parse().unwrap(),
+    );
+    let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
+        .await
+        .unwrap();
+    let mut slow = Client {
+        ws,
+        user_id: String::new(),
+    };
+    slow.until("ready").await;
+    slow.subscribe(&general, None).await;
+    // It reads nothing until the posting is over, then everything it can.
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let slow_reader = tokio::spawn(async move {
+        let _ = wait.await;
+        let mut messages = 0;
+        let mut told = false;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), slow.ws.next()).await {
+                Ok(Some(Ok(Ws::Text(t)))) => {
+                    let f: Value = serde_json::from_str(&t).unwrap();
+                    if f["type"] == "message" {
+                        messages += 1;
+                    }
+                    told |= f["code"] == "slow_consumer";
+                }
+                Ok(Some(Ok(Ws::Close(c)))) => {
+                    return (messages, told, c.map(|c| u16::from(c.code)));
+                }
+                Ok(Some(Ok(_))) => {}
+                _ => return (messages, told, None),
+            }
+        }
+    });
+    // A good client reads as it goes.
+    let good_reader = tokio::spawn(async move { collect_messages(&mut good, N).await.len() });
+    // More than the kernel buffers (up to 4 MiB here) plus the queue:
+    // 1,300 messages of ~4,000 characters, pipelined; acks read aside.
+    let sender = Client::connect(&s, &people[0].0).await;
+    let (mut sink, mut stream) = sender.ws.split();
+    let acks = tokio::spawn(async move {
+        let mut n = 0;
+        while n < N {
+            match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+                Ok(Some(Ok(Ws::Text(t)))) if t.contains("\"ack\"") => n += 1,
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        n
+    });
+    const N: usize = 1300;
+    let body = "x".repeat(3990);
+    for i in 0..N {
+        let f = json!({"type": "send", "channel_id": general, "body": format!("{i} {body}")});
+        sink.send(Ws::text(f.to_string())).await.unwrap();
+    }
+    assert_eq!(acks.await.unwrap(), N, "every send acknowledged");
+    let _ = go.send(());
+    assert_eq!(
+        good_reader.await.unwrap(),
+        N,
+        "the good client got everything"
+    );
+    let (messages, told, code) = slow_reader.await.unwrap();
+    assert!(
+        messages < N,
+        "the slow client was cut off ({messages} messages)"
+    );
+    assert!(told, "told why before the close");
+    assert_eq!(code, Some(4008));
+    let (_, _, metrics) = call(agent().get(&s.url("/metrics")), None);
+    assert!(
+        metrics.contains(r#"flowline_ws_closed_total{reason="slow_consumer"} 1"#),
+        "{metrics}"
+    );
 }
 
 fn read_event(r: &mut impl BufRead, kind: &str) -> (String, String) {
