@@ -96,7 +96,8 @@ pub struct WorkspaceList {
 }
 
 #[utoipa::path(get, path = "/api/v1/workspaces", tag = "messaging", security(("bearer" = [])),
-    responses((status = 200, description = "The caller's workspaces", body = WorkspaceList)))]
+    responses((status = 200, description = "The caller's workspaces", body = WorkspaceList),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn list_workspaces(
     State(m): State<Arc<Messaging>>,
     who: Principal,
@@ -458,7 +459,8 @@ pub async fn add_reaction(
 
 #[utoipa::path(delete, path = "/api/v1/messages/{id}/reactions/{emoji}", tag = "messaging", security(("bearer" = [])),
     params(("id" = String, Path, description = "Message id"), ("emoji" = String, Path, description = "The reaction (URL-encoded)")),
-    responses((status = 200, description = "Removed (or was not there)", body = Message)))]
+    responses((status = 200, description = "Removed (or was not there)", body = Message),
+        (status = 404, description = "No such message", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn remove_reaction(
     State(m): State<Arc<Messaging>>,
     Extension(ctx): Extension<RequestContext>,
@@ -477,7 +479,9 @@ pub struct EventsParams {
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "messaging", security(("bearer" = [])),
     params(EventsParams, ("Last-Event-ID" = Option<String>, Header, description = "The last id seen: the stream resumes after it")),
-    responses((status = 200, description = "Server-Sent Events of the caller's own events: `order` (status changes), `notification` (in-app), `mention`, `direct_message`; id = feed id; comments as heartbeats", content_type = "text/event-stream")))]
+    responses((status = 200, description = "Server-Sent Events of the caller's own events: `order` (status changes), `notification` (in-app), `mention`, `direct_message`; id = feed id; comments as heartbeats", content_type = "text/event-stream"),
+        (status = 400, description = "Last-Event-ID is not a feed id", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn events(
     State(m): State<Arc<Messaging>>,
     who: Principal,

@@ -1131,8 +1131,8 @@ mod http {
         )
         .await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(t["items"].as_array().unwrap().len(), 14);
-        assert_eq!(t["kinds"].as_array().unwrap().len(), 7);
+        assert_eq!(t["items"].as_array().unwrap().len(), 18);
+        assert_eq!(t["kinds"].as_array().unwrap().len(), 9);
         let (s, t) = call(
             &admin,
             "a",
