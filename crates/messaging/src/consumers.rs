@@ -78,6 +78,9 @@ impl Handler for FeedWriter {
         let e = &ev.envelope;
         let p = &e.payload;
         let str_of = |k: &str| p.get(k).and_then(Value::as_str).map(str::to_owned);
+        if e.event_type == "message.deleted" {
+            return self.scrub(p).await;
+        }
         let mut entries: Vec<(String, &str, Value)> = Vec::new();
         match (e.topic.as_str(), e.event_type.as_str()) {
             ("orders.events", t) => {
@@ -149,6 +152,39 @@ impl Handler for FeedWriter {
         }
         tx.commit().await?;
         self.0.feed_tick();
+        Ok(())
+    }
+}
+
+impl FeedWriter {
+    /// A deleted message's text leaves the feed entries that quoted it.
+    async fn scrub(&self, p: &Value) -> Result<(), HandlerError> {
+        let Some(message_id) = p.get("message_id").and_then(Value::as_str) else {
+            return Ok(());
+        };
+        let mut tx = self.0.db.begin().await?;
+        let rows: Vec<(i64, String)> = on_tx!(&mut tx, |c| sqlx::query_as(
+            "SELECT id, payload FROM feed WHERE message_id = $1"
+        )
+        .bind(message_id)
+        .fetch_all(c)
+        .await)
+        .map_err(StoreError::from)?;
+        for (id, payload) in rows {
+            let mut v: Value = serde_json::from_str(&payload)?;
+            v["body"] = Value::Null;
+            v["deleted"] = Value::Bool(true);
+            on_tx!(&mut tx, |c| sqlx::query(
+                "UPDATE feed SET payload = $2 WHERE id = $1"
+            )
+            .bind(id)
+            .bind(v.to_string())
+            .execute(c)
+            .await
+            .map(|_| ()))
+            .map_err(StoreError::from)?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@
 //! missed, in order, then the live stream.
 
 use crate::model::channel_frame;
-use crate::{GatewayMetrics, Messaging, MESSAGES_TOPIC, PRESENCE_TOPIC};
+use crate::{GatewayMetrics, Messaging, MESSAGES_TOPIC, PRESENCE_TOPIC, WORKSPACES_TOPIC};
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -32,12 +32,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 /// Topics the fan-out consumer of every node reads.
-pub const FANOUT_TOPICS: [&str; 3] = [MESSAGES_TOPIC, PRESENCE_TOPIC, "user.events"];
+pub const FANOUT_TOPICS: [&str; 4] = [
+    MESSAGES_TOPIC,
+    PRESENCE_TOPIC,
+    WORKSPACES_TOPIC,
+    "user.events",
+];
 
 /// The protocol version this server speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
 /// Subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS: usize = 1000;
+/// The most changes one `subscribe` replays; further back is REST history.
+pub const MAX_RESUME: i64 = 10_000;
 
 /// Close codes (RFC 6455 and the 4000–4999 application range).
 pub mod close {
@@ -66,9 +73,12 @@ struct ChannelFrame {
 enum Out {
     Event(Arc<ChannelFrame>),
     /// Start delivering `channel_id` after `since` (backlog first).
+    /// Without an explicit `since`, a channel already delivered here keeps
+    /// its position (no frame is sent twice).
     Subscribe {
         channel_id: String,
         since: i64,
+        explicit: bool,
     },
     Unsubscribe(String),
     Text(Utf8Bytes),
@@ -212,15 +222,21 @@ impl Gateway {
     }
 
     async fn apply_presence(&self, user: &str, up: bool) {
-        // The registry may have moved on since (a quick reconnect): record
-        // what is true now, in queue order.
-        let r = if up {
-            self.messaging.presence_up(user).await
-        } else {
-            self.messaging.presence_down(user).await
-        };
-        if let Err(e) = r {
-            tracing::warn!(user_id = user, error = %e, "presence update failed");
+        // In queue order; retried, since a lost `down` would leave the user
+        // online (and unnotified) until this node restarts.
+        for attempt in 1..=8u32 {
+            let r = if up {
+                self.messaging.presence_up(user).await
+            } else {
+                self.messaging.presence_down(user).await
+            };
+            match r {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(user_id = user, attempt, error = %e, "presence update failed");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+                }
+            }
         }
     }
 
@@ -346,6 +362,40 @@ impl Gateway {
         }
     }
 
+    fn to_user(&self, user_id: &str, text: Utf8Bytes) {
+        let r = self.registry.lock().expect("poisoned");
+        for id in r.users.get(user_id).into_iter().flatten() {
+            if let Some(c) = r.conns.get(id) {
+                self.offer(c, Out::Text(text.clone()));
+            }
+        }
+    }
+
+    /// Ends `user_id`'s subscriptions to `channel_id` on this node.
+    fn revoke(&self, user_id: &str, channel_id: &str) {
+        let mut r = self.registry.lock().expect("poisoned");
+        let Some(subs) = r.channels.get_mut(channel_id) else {
+            return;
+        };
+        let frame = Utf8Bytes::from(
+            json!({"v": PROTOCOL_VERSION, "type": "unsubscribed", "channel_id": channel_id,
+                   "reason": "access_revoked"})
+            .to_string(),
+        );
+        subs.retain(|c| {
+            if c.user_id != user_id {
+                return true;
+            }
+            // Forgotten by the writer first, so no later frame goes out.
+            self.offer(c, Out::Unsubscribe(channel_id.to_owned()));
+            self.offer(c, Out::Text(frame.clone()));
+            false
+        });
+        if subs.is_empty() {
+            r.channels.remove(channel_id);
+        }
+    }
+
     fn close_user(&self, user_id: &str, k: Kick) -> usize {
         let r = self.registry.lock().expect("poisoned");
         let ids = r.users.get(user_id).cloned().unwrap_or_default();
@@ -379,7 +429,9 @@ pub async fn upgrade(
         // Small buffers: an idle connection should cost a few KiB.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(cfg.max_frame_bytes * 4)
+        // Outgoing frames (a reaction list, a presence snapshot) may be larger
+        // than incoming ones; the queue, not this buffer, bounds memory.
+        .max_write_buffer_size(16 * 1024 * 1024)
         .on_upgrade(move |socket| serve(gw, socket, principal))
 }
 
@@ -425,8 +477,10 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, principal: Option<Principal>
     {
         return;
     }
+    // Subscribed before registering: a ban that lands in between is seen.
+    let kicked = conn.kick.subscribe();
     gw.register(conn.clone());
-    let writer = tokio::spawn(write_loop(gw.clone(), sink, rx, kick_rx, cfg.ping_interval));
+    let mut writer = tokio::spawn(write_loop(gw.clone(), sink, rx, kick_rx, cfg.ping_interval));
     let mut reader = Reader {
         gw: gw.clone(),
         conn: conn.clone(),
@@ -437,7 +491,13 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, principal: Option<Principal>
         last_limit_notice: None,
         typing: HashMap::new(),
     };
-    reader.run(&mut stream, &cfg).await;
+    // A writer that ended on its own (socket error, storage error in a gap
+    // fill) ends the connection: no half-alive socket that reads but never
+    // delivers.
+    let writer_ended = tokio::select! {
+        _ = reader.run(&mut stream, &cfg, kicked) => false,
+        _ = &mut writer => true,
+    };
     gw.unregister(&conn);
     conn.kick(Kick {
         code: close::NORMAL,
@@ -445,7 +505,9 @@ async fn serve(gw: Arc<Gateway>, socket: WebSocket, principal: Option<Principal>
         reason: "bye",
         error: None,
     });
-    let _ = writer.await;
+    if !writer_ended {
+        let _ = writer.await;
+    }
     // Read until the client's close (or 2 s): closing with unread input would
     // reset the connection and lose the close frame and the error before it.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -510,8 +572,8 @@ impl Reader {
         &mut self,
         stream: &mut futures_util::stream::SplitStream<WebSocket>,
         cfg: &crate::MessagingConfig,
+        mut kicked: watch::Receiver<Option<Kick>>,
     ) {
-        let mut kicked = self.conn.kick.subscribe();
         loop {
             let next = tokio::select! {
                 n = tokio::time::timeout(cfg.idle_timeout, stream.next()) => n,
@@ -710,7 +772,16 @@ impl Reader {
             .readable(channel_id, &self.conn.user_id)
             .await
             .map_err(problem)?;
+        let explicit = since.is_some();
         let since = since.unwrap_or(ch.last_seq).min(ch.last_seq);
+        if ch.last_seq - since > MAX_RESUME {
+            return Err((
+                "resync_required".into(),
+                format!(
+                    "more than {MAX_RESUME} changes since {since}: load history over REST, then subscribe without `since`"
+                ),
+            ));
+        }
         self.gw.subscribe(&self.conn, channel_id);
         self.subscriptions.insert(channel_id.to_owned());
         let reply = json!({"v": PROTOCOL_VERSION, "type": "subscribed", "channel_id": channel_id,
@@ -721,6 +792,7 @@ impl Reader {
         self.queue(Out::Subscribe {
             channel_id: channel_id.to_owned(),
             since,
+            explicit,
         })
         .await?;
         Ok(Value::Null)
@@ -1028,7 +1100,15 @@ async fn write_out(
             delivered.insert(f.channel_id.clone(), f.seq);
             sink.feed(WsMessage::Text(f.text.clone())).await.is_ok()
         }
-        Out::Subscribe { channel_id, since } => {
+        Out::Subscribe {
+            channel_id,
+            since,
+            explicit,
+        } => {
+            let since = match delivered.get(&channel_id) {
+                Some(d) if !explicit => since.max(*d),
+                _ => since,
+            };
             delivered.insert(channel_id.clone(), since);
             fill(gw, sink, delivered, &channel_id, since, None, n).await
         }
@@ -1106,6 +1186,20 @@ impl Handler for Fanout {
                 if let Some(text) = channel_frame(kind, &e.payload) {
                     gw.broadcast(channel_id, seq, text);
                 }
+                // A mention or direct message reaches every connection of its
+                // recipient, subscribed to the channel or not.
+                if kind == "message.sent" {
+                    let recipients = e.payload.get("recipients").and_then(Value::as_array);
+                    for u in recipients.into_iter().flatten().filter_map(Value::as_str) {
+                        let direct = e.payload.get("direct").and_then(Value::as_bool) == Some(true);
+                        let frame = json!({"v": PROTOCOL_VERSION,
+                            "type": if direct { "direct" } else { "mention" },
+                            "channel_id": channel_id, "seq": seq,
+                            "workspace_id": e.payload.get("workspace_id"),
+                            "message": e.payload.get("message")});
+                        gw.to_user(u, Utf8Bytes::from(frame.to_string()));
+                    }
+                }
             }
             "presence.typing" => {
                 if let Some(channel_id) = e.payload.get("channel_id").and_then(Value::as_str) {
@@ -1133,6 +1227,16 @@ impl Handler for Fanout {
                     "status": status, "at": e.payload.get("at"),
                     "last_seen_at": e.payload.get("last_seen_at")});
                 gw.to_workspaces(&workspaces, Utf8Bytes::from(frame.to_string()));
+            }
+            "channel.left" => {
+                let channel_id = e.payload.get("channel_id").and_then(Value::as_str);
+                let user_id = e.payload.get("user_id").and_then(Value::as_str);
+                if let (Some(channel_id), Some(user_id)) = (channel_id, user_id) {
+                    // A public channel stays readable after leaving it.
+                    if gw.messaging.readable(channel_id, user_id).await.is_err() {
+                        gw.revoke(user_id, channel_id);
+                    }
+                }
             }
             "user.banned" => {
                 if let Some(user_id) = e.payload.get("user_id").and_then(Value::as_str) {

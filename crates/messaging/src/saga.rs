@@ -270,14 +270,17 @@ pub(crate) fn definition(
             let sent = if f4 {
                 Err("failpoint welcome_notification".to_owned())
             } else {
-                welcome
-                    .send(Welcome {
-                        workspace_id: &d.workspace_id,
-                        workspace_name: &d.name,
-                        user_id: &d.user_id,
-                        correlation_id: &d.correlation_id,
-                    })
+                // Its own deadline, inside the step's: a slow notifications
+                // store must not time the step out (that would compensate).
+                let send = welcome.send(Welcome {
+                    workspace_id: &d.workspace_id,
+                    workspace_name: &d.name,
+                    user_id: &d.user_id,
+                    correlation_id: &d.correlation_id,
+                });
+                tokio::time::timeout(Duration::from_secs(3), send)
                     .await
+                    .unwrap_or_else(|_| Err("timed out after 3 s".to_owned()))
             };
             match sent {
                 Ok(()) => Ok(json!({"sent": true})),
@@ -290,7 +293,7 @@ pub(crate) fn definition(
             }
         }
     })
-    .timeout(Duration::from_secs(5))
+    .timeout(Duration::from_secs(10))
     .retry(no_retry);
 
     SagaDef::new(WORKSPACE_SAGA, vec![create, general, admin, greet]).on_finish(Finish)

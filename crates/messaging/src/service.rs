@@ -13,6 +13,8 @@ use std::time::Duration;
 
 /// Largest page of history or feed.
 pub const MAX_PAGE: i64 = 200;
+/// Different reactions one message can carry (each change's frame lists them).
+pub const MAX_REACTIONS: usize = 50;
 
 fn rfc(us: i64) -> String {
     Timestamp::from_micros(us).to_rfc3339()
@@ -200,6 +202,23 @@ macro_rules! workspace_of {
     }};
 }
 
+/// Ids are UUIDs here; anything else (a NUL byte, a megabyte) names nothing,
+/// and must not reach PostgreSQL, which refuses NUL in text.
+fn plausible_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && !id.contains('\0')
+}
+
+/// Text a user wrote: no NUL or other control characters but newline and tab.
+fn clean_text(field: &str, text: &str) -> Result<(), ApiError> {
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
+    {
+        return Err(invalid(field, "no control characters"));
+    }
+    Ok(())
+}
+
 fn validate_name(name: &str, max: usize) -> Result<String, ApiError> {
     let n = name.trim();
     if n.is_empty() || n.chars().count() > max {
@@ -229,6 +248,9 @@ fn validate_channel_name(name: &str) -> Result<String, ApiError> {
 
 fn validate_emoji(emoji: &str) -> Result<(), ApiError> {
     let n = emoji.chars().count();
+    if emoji.contains('\0') {
+        return Err(invalid("emoji", "no control characters"));
+    }
     if n == 0 || n > 32 || emoji.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid("emoji", "1 to 32 characters, no spaces"));
     }
@@ -240,6 +262,9 @@ impl Messaging {
 
     /// The channel as `user_id` sees it (`None`: no such channel).
     pub async fn access(&self, channel_id: &str, user_id: &str) -> Result<Access, ApiError> {
+        if !plausible_id(channel_id) {
+            return Err(not_found("channel"));
+        }
         let sql = format!("{CHANNEL_SQL} WHERE c.id = $1");
         let found: Option<Access> = on_pool!(&self.db, |p| {
             async {
@@ -268,6 +293,9 @@ impl Messaging {
     }
 
     async fn role(&self, workspace_id: &str, user_id: &str) -> Result<Option<Role>, StoreError> {
+        if !plausible_id(workspace_id) || !plausible_id(user_id) {
+            return Ok(None);
+        }
         let role: Option<String> = on_pool!(&self.db, |p| sqlx::query_scalar(
             "SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2"
         )
@@ -298,6 +326,9 @@ impl Messaging {
 
     /// Whether the directory knows `user_id` as active.
     pub async fn user_active(&self, user_id: &str) -> Result<Option<bool>, StoreError> {
+        if !plausible_id(user_id) {
+            return Ok(None);
+        }
         let a: Option<i64> = on_pool!(&self.db, |p| sqlx::query_scalar(
             "SELECT active FROM users WHERE user_id = $1"
         )
@@ -335,6 +366,7 @@ impl Messaging {
         tx.commit().await?;
         self.orchestrator.wake();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut pause = Duration::from_millis(2);
         loop {
             let done = matches!(
                 self.orchestrator.status(&id).await?,
@@ -343,7 +375,9 @@ impl Messaging {
             if done || tokio::time::Instant::now() >= deadline {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // A few milliseconds usually; back off to 50 ms between looks.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
         Ok(self
             .workspace_row(&id, user_id)
@@ -454,6 +488,12 @@ impl Messaging {
         }
         if role == Role::Owner && actor_role != Role::Owner {
             return Err(denied("only an owner makes owners"));
+        }
+        // An admin manages members, not other admins or owners.
+        if let Some(current) = self.role(workspace_id, user_id).await? {
+            if current != Role::Member && actor_role != Role::Owner && user_id != actor {
+                return Err(denied("only an owner changes an admin's or owner's role"));
+            }
         }
         match self.user_active(user_id).await? {
             Some(true) => {}
@@ -567,6 +607,7 @@ impl Messaging {
             if t.chars().count() > 250 {
                 return Err(invalid("topic", "at most 250 characters"));
             }
+            clean_text("topic", t)?;
         }
         let id = flowline_core::id::new_id().to_string();
         let mut tx = self.db.begin().await?;
@@ -807,10 +848,12 @@ impl Messaging {
                 .with_field("body", format!("at most {max} characters"))
                 .into());
         }
+        clean_text("body", body)?;
         if let Some(c) = &new.client_id {
             if c.is_empty() || c.len() > 100 {
                 return Err(invalid("client_id", "1 to 100 characters"));
             }
+            clean_text("client_id", c)?;
         }
         let a = self.access(channel_id, user_id).await?.require_post()?;
         if let Some(parent) = &new.parent_id {
@@ -935,11 +978,13 @@ impl Messaging {
                 .with_field("body", format!("at most {max} characters"))
                 .into());
         }
+        clean_text("body", body)?;
         let m = self
             .message_in_channel(message_id)
             .await?
             .ok_or_else(|| not_found("message"))?;
-        self.access(&m.channel_id, user_id).await?.require_read()?;
+        // Editing is writing: a member of the channel, and its author.
+        self.access(&m.channel_id, user_id).await?.require_post()?;
         if m.author_id != user_id {
             return Err(denied("only the author edits a message"));
         }
@@ -1052,6 +1097,9 @@ impl Messaging {
             now,
         )
         .await?;
+        // A deleted message's text must not come back through a resume:
+        // the stored versions of it become the tombstone.
+        scrub_message(&mut tx, &m.channel_id, message_id, &msg).await?;
         tx.commit().await?;
         self.relay.notify();
         Ok(msg)
@@ -1071,7 +1119,19 @@ impl Messaging {
             .message_in_channel(message_id)
             .await?
             .ok_or_else(|| not_found("message"))?;
-        self.access(&m.channel_id, user_id).await?.require_read()?;
+        // Reacting is writing: members only, as for posting.
+        self.access(&m.channel_id, user_id).await?.require_post()?;
+        if add && !m.reactions.iter().any(|r| r.emoji == emoji) {
+            let m = self.with_reactions(m.clone()).await?;
+            if m.reactions.len() >= MAX_REACTIONS && !m.reactions.iter().any(|r| r.emoji == emoji) {
+                return Err(Problem::new(ErrorCode::ValidationFailed)
+                    .with_field(
+                        "emoji",
+                        format!("at most {MAX_REACTIONS} different reactions per message"),
+                    )
+                    .into());
+            }
+        }
         if m.deleted {
             return Err(Problem::new(ErrorCode::InvalidState)
                 .with_detail("the message was deleted")
@@ -1139,6 +1199,9 @@ impl Messaging {
     }
 
     async fn message_in_channel(&self, id: &str) -> Result<Option<Message>, StoreError> {
+        if !plausible_id(id) {
+            return Ok(None);
+        }
         let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1");
         on_pool!(&self.db, |p| {
             match sqlx::query(&sql).bind(id).fetch_optional(p).await? {
@@ -1513,6 +1576,40 @@ async fn lock_user(tx: &mut Tx, user_id: &str) -> Result<(), StoreError> {
     .map_err(StoreError::from)
 }
 
+/// Replaces the message in the stored `message.sent` / `message.edited`
+/// changes of `message_id` with `tombstone`.
+async fn scrub_message(
+    tx: &mut Tx,
+    channel_id: &str,
+    message_id: &str,
+    tombstone: &Message,
+) -> Result<(), StoreError> {
+    let rows: Vec<(i64, String)> = on_tx!(tx, |c| sqlx::query_as(
+        "SELECT seq, payload FROM channel_events
+         WHERE channel_id = $1 AND message_id = $2 AND kind IN ('message.sent', 'message.edited')"
+    )
+    .bind(channel_id)
+    .bind(message_id)
+    .fetch_all(c)
+    .await)
+    .map_err(StoreError::from)?;
+    for (seq, payload) in rows {
+        let mut v: Value = serde_json::from_str(&payload)?;
+        v["message"] = serde_json::to_value(tombstone)?;
+        on_tx!(tx, |c| sqlx::query(
+            "UPDATE channel_events SET payload = $3 WHERE channel_id = $1 AND seq = $2"
+        )
+        .bind(channel_id)
+        .bind(seq)
+        .bind(v.to_string())
+        .execute(c)
+        .await
+        .map(|_| ()))
+        .map_err(StoreError::from)?;
+    }
+    Ok(())
+}
+
 /// Takes the channel's next sequence number; holds its row lock to commit.
 async fn next_seq(tx: &mut Tx, channel_id: &str) -> Result<(i64, String), StoreError> {
     on_tx!(tx, |c| {
@@ -1536,17 +1633,24 @@ async fn record(
     payload: &Value,
     now: i64,
 ) -> Result<(), StoreError> {
+    let message_id = payload
+        .get("message_id")
+        .or_else(|| payload.get("message").and_then(|m| m.get("id")))
+        .and_then(Value::as_str);
     on_tx!(tx, |c| sqlx::query(
-        "INSERT INTO channel_events (channel_id, seq, kind, payload, at) VALUES ($1, $2, $3, $4, $5)"
+        "INSERT INTO channel_events (channel_id, seq, kind, message_id, payload, at)
+         VALUES ($1, $2, $3, $4, $5, $6)"
     )
     .bind(channel_id)
     .bind(seq)
     .bind(kind)
+    .bind(message_id)
     .bind(payload.to_string())
     .bind(now)
     .execute(c)
     .await
-    .map(|_| ())).map_err(StoreError::from)?;
+    .map(|_| ()))
+    .map_err(StoreError::from)?;
     enqueue(tx, ctx, MESSAGES_TOPIC, kind, channel_id, payload.clone()).await
 }
 

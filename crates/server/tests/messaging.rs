@@ -322,6 +322,25 @@ async fn two_then_fifty_clients_receive_every_message_once_in_order_and_resume_w
     );
     assert_eq!(st, 200);
     assert_eq!(m["deleted"], true);
+    // A resume from the start replays the deleted message as its tombstone:
+    // its text is gone from storage, not just from the live stream.
+    let mut late = Client::connect(&s, &people[2].0).await;
+    late.subscribe(&general, Some(start)).await;
+    let mut replay = Vec::new();
+    while replay.len() < 24 {
+        let f = late.next().await.expect("replayed change");
+        if is_change(&f) {
+            replay.push(f);
+        }
+    }
+    assert_contiguous(&replay, start);
+    let sent = replay
+        .iter()
+        .find(|f| f["type"] == "message" && f["message"]["id"] == mid.as_str())
+        .unwrap();
+    assert!(sent["message"]["body"].is_null(), "{sent}");
+    assert!(!replay.iter().any(|f| f.to_string().contains("a0 (edited)")));
+    drop(late);
     drop(a);
     drop(b);
 
@@ -510,6 +529,31 @@ async fn private_channels_refuse_outsiders_and_banned_users_are_disconnected() {
     let mut b = Client::connect(&s, &bob.0).await;
     b.subscribe(&private, None).await;
     c.subscribe(&general, None).await;
+    // Leaving a private channel ends the subscription at once.
+    let mut b2 = Client::connect(&s, &bob.0).await;
+    b2.subscribe(&private, None).await;
+    let url = s.url(&format!("/api/v1/channels/{private}/leave"));
+    assert_eq!(send(agent().post(&url), &bob.0, None).0, 204);
+    let (gone, _) = b2.until("unsubscribed").await;
+    assert_eq!(gone["reason"], "access_revoked");
+    post(&s, &alice.0, &private, "after bob left");
+    assert!(
+        b2.next_within(Duration::from_millis(500))
+            .await
+            .is_none_or(|f| !is_change(&f)),
+        "nothing of a channel left"
+    );
+    drop(b2);
+    // Bob is back for the ban below.
+    assert_eq!(
+        send(
+            agent().post(&s.url(&format!("/api/v1/channels/{private}/members"))),
+            &alice.0,
+            Some(json!({"user_id": bob.1}))
+        )
+        .0,
+        200
+    );
 
     // A bad token is refused before the upgrade, as problem+json.
     let mut req = ws_url(&s).into_client_request().unwrap();
@@ -652,6 +696,22 @@ async fn bad_frames_get_error_frames_and_floods_are_cut_off_while_others_are_ser
         (422, Some("validation_failed")),
         "{p}"
     );
+    let (st, _, p) = send(
+        agent().post(&url),
+        &people[0].0,
+        Some(json!({"body": "nul \u{0} here"})),
+    );
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (422, Some("validation_failed")),
+        "{p}"
+    );
+    let (st, _, _) = send(
+        agent().get(&s.url("/api/v1/channels/%00/messages")),
+        &people[0].0,
+        None,
+    );
+    assert_eq!(st, 404);
     let (st, _, p) = send(agent().get(&format!("{url}?limit=0")), &people[0].0, None);
     assert_eq!((st, p["code"].as_str()), (400, Some("malformed_request")));
     let (_, _, ch) = send(
@@ -770,10 +830,13 @@ async fn offline_users_get_one_notification_per_missed_mention_or_dm_and_presenc
     );
     d.subscribe(&general, None).await;
     // A second connection does not announce him twice.
-    let d2 = Client::connect(&s, &dave.0).await;
+    let mut d2 = Client::connect(&s, &dave.0).await;
     post(&s, &alice.0, &general, &format!("live <@{}>", dave.1));
     let (m, _) = d.until("message").await;
     assert!(m["message"]["body"].as_str().unwrap().starts_with("live"));
+    // His other connection, subscribed to nothing, still hears of it.
+    let (n, _) = d2.until("mention").await;
+    assert!(n["message"]["body"].as_str().unwrap().starts_with("live"));
     let (m, skipped) = a.until("message").await;
     assert!(
         skipped.iter().all(|f| f["type"] != "presence"),

@@ -81,10 +81,13 @@ CREATE TABLE channel_events (
     channel_id TEXT    NOT NULL,
     seq        INTEGER NOT NULL,
     kind       TEXT    NOT NULL,
+    message_id TEXT,
     payload    TEXT    NOT NULL,
     at         INTEGER NOT NULL,
     PRIMARY KEY (channel_id, seq)
 ) WITHOUT ROWID;
+
+CREATE INDEX channel_events_message ON channel_events (message_id) WHERE message_id IS NOT NULL;
 
 -- Live connections per node and user: a user is online while any row exists.
 CREATE TABLE presence_connections (
@@ -108,8 +111,11 @@ CREATE TABLE feed (
     user_id  TEXT    NOT NULL,
     event_id TEXT    NOT NULL,
     kind     TEXT    NOT NULL,
+    -- The message a mention or direct_message entry quotes (scrubbed on delete).
+    message_id TEXT,
     payload  TEXT    NOT NULL,
     at       INTEGER NOT NULL,
     UNIQUE (user_id, event_id)
 );
 CREATE INDEX feed_user ON feed (user_id, id);
+CREATE INDEX feed_message ON feed (message_id) WHERE message_id IS NOT NULL;
