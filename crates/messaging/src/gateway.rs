@@ -575,9 +575,12 @@ impl Reader {
         mut kicked: watch::Receiver<Option<Kick>>,
     ) {
         loop {
+            // A kick wins over frames already waiting: nothing more of a
+            // closed connection is handled (or counted twice).
             let next = tokio::select! {
-                n = tokio::time::timeout(cfg.idle_timeout, stream.next()) => n,
+                biased;
                 _ = kicked.changed() => return,
+                n = tokio::time::timeout(cfg.idle_timeout, stream.next()) => n,
             };
             let msg = match next {
                 Err(_) => {
@@ -655,7 +658,9 @@ impl Reader {
         self.limited += 1;
         self.gw.metrics.rejected("rate_limited");
         if self.limited >= FLOOD_CLOSE_AFTER {
-            self.gw.metrics.closed("flood");
+            if self.limited == FLOOD_CLOSE_AFTER {
+                self.gw.metrics.closed("flood");
+            }
             self.conn.kick(Kick {
                 code: close::POLICY,
                 flush: true,

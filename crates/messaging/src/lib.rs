@@ -42,9 +42,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// Channel changes: message.sent, message.edited, message.deleted,
-/// reaction.added, reaction.removed, and message.missed (one per offline
-/// recipient of a mention or direct message). Key: the channel id.
+/// reaction.added, reaction.removed. Key: the channel id.
 pub const MESSAGES_TOPIC: &str = "messaging.messages";
+/// message.missed: one per offline recipient of a mention or direct message
+/// (key: the recipient). A topic of its own, so the notifier does not read
+/// every message to find the few it must act on.
+pub const NOTICES_TOPIC: &str = "messaging.notices";
 /// presence.user_online, presence.user_offline (key: user id) and
 /// presence.typing (key: channel id).
 pub const PRESENCE_TOPIC: &str = "messaging.presence";

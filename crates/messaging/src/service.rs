@@ -2,7 +2,9 @@
 //! feed. Every write that others must hear of commits its event with it.
 
 use crate::model::{self, Channel, ChannelEvent, ChannelKind, Member, Message, Reaction, Role};
-use crate::{Messaging, Workspace, MESSAGES_TOPIC, PRESENCE_TOPIC, WORKSPACES_TOPIC};
+use crate::{
+    Messaging, Workspace, MESSAGES_TOPIC, NOTICES_TOPIC, PRESENCE_TOPIC, WORKSPACES_TOPIC,
+};
 use flowline_core::{Envelope, ErrorCode, EventDraft, Problem, Timestamp};
 use flowline_http::{ApiError, RequestContext};
 use flowline_store::{on_pool, on_tx, outbox, StoreError, Tx};
@@ -943,9 +945,9 @@ impl Messaging {
             enqueue(
                 &mut tx,
                 ctx,
-                MESSAGES_TOPIC,
+                NOTICES_TOPIC,
                 "message.missed",
-                channel_id,
+                u,
                 json!({
                     "user_id": u, "reason": reason, "channel_id": channel_id,
                     "channel_name": a.channel.name, "workspace_id": workspace_id,

@@ -19,10 +19,10 @@ pub const ORDERS_TOPIC: &str = "orders.events";
 pub const SHIPPING_TOPIC: &str = "shipping.events";
 /// `message.missed`: a mention or direct message for a user with no live
 /// connection (the messaging context decides who is offline).
-pub const MESSAGES_TOPIC: &str = "messaging.messages";
+pub const NOTICES_TOPIC: &str = "messaging.notices";
 /// Subscribed topics. `user.events` comes first: a pass of the consumer
 /// reads the directory's updates before the orders that need them.
-pub const TOPICS: &[&str] = &[USER_TOPIC, ORDERS_TOPIC, SHIPPING_TOPIC, MESSAGES_TOPIC];
+pub const TOPICS: &[&str] = &[USER_TOPIC, ORDERS_TOPIC, SHIPPING_TOPIC, NOTICES_TOPIC];
 /// A second group for [`DIRECTORY_TOPICS`] alone, run beside [`GROUP`].
 ///
 /// A consumer retries a failing event in place, holding its other topics
