@@ -1139,3 +1139,86 @@ fn a_failed_critical_step_compensates_the_workspace() {
     assert_eq!(st, 404);
     let _ = Path::new("");
 }
+
+/// Three `flowline serve` processes on one PostgreSQL (schemas, event log):
+/// a socket on one node gets what is posted through another, and presence
+/// counts a user once across nodes. (The distributed-mode issue adds Redis
+/// and NATS; this is the bus as it stands, shared through PostgreSQL.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_channels_and_presence_through_the_bus() {
+    let Ok(url) = std::env::var("FLOWLINE_TEST_POSTGRES_URL") else {
+        eprintln!("FLOWLINE_TEST_POSTGRES_URL not set: SQLite-only run");
+        return;
+    };
+    let prefix = format!("m{}_", uuid::Uuid::now_v7().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            Server::start(
+                &dir.path().join(n),
+                &[
+                    ("FLOWLINE__DATABASE__URL", url.as_str()),
+                    ("FLOWLINE__DATABASE__SCHEMA_PREFIX", prefix.as_str()),
+                    // Three nodes of twelve pools within PostgreSQL's 100.
+                    ("FLOWLINE__DATABASE__MAX_CONNECTIONS", "2"),
+                    ("FLOWLINE__SERVER__NODE_ID", n),
+                ],
+            )
+        })
+        .collect();
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    // Accounts and tokens work on every node.
+    let alice = register(a, "alice@example.com");
+    let bob = register(c, "bob@example.com");
+    let alice_id = user_id(c, &alice);
+    let bob_id = user_id(a, &bob);
+    let (ws_id, general) = workspace(b, &alice, &[&bob_id]);
+
+    // Bob listens on A; Alice posts through C.
+    let mut on_a = Client::connect(a, &bob).await;
+    let sub = on_a.subscribe(&general, None).await;
+    let start = sub["last_seq"].as_i64().unwrap();
+    for i in 0..5 {
+        post(c, &alice, &general, &format!("from c {i}"));
+    }
+    let got = collect_messages(&mut on_a, 5).await;
+    assert_contiguous(&got, start);
+    assert_eq!(got[4]["message"]["body"], "from c 4");
+
+    // Presence: Alice watches from B; Bob's second node does not count twice.
+    let mut watcher = Client::connect(b, &alice).await;
+    watcher
+        .send(json!({"type": "presence_subscribe", "workspace_id": ws_id}))
+        .await;
+    let (snap, _) = watcher.until("presence_subscribed").await;
+    let bob_row = snap["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user_id"] == bob_id.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(bob_row["online"], true, "{snap}");
+    let on_c = Client::connect(c, &bob).await;
+    drop(on_a);
+    // Still online through C: no offline frame for Bob.
+    let (_, _, pres) = send(
+        agent().get(&b.url(&format!("/api/v1/workspaces/{ws_id}/presence"))),
+        &alice,
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let online = |p: &Value| {
+        p["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["user_id"] == bob_id.as_str() && m["online"] == true)
+    };
+    assert!(online(&pres), "{pres}");
+    drop(on_c);
+    let p = watcher.presence_of(&bob_id, "offline").await;
+    assert!(p["last_seen_at"].is_string());
+    let _ = alice_id;
+}
