@@ -792,14 +792,12 @@ impl Reader {
         let reply = json!({"v": PROTOCOL_VERSION, "type": "subscribed", "channel_id": channel_id,
             "last_seq": ch.last_seq, "since": since, "ref": v.get("ref")});
         // The confirmation first, then the backlog, then live frames.
-        self.queue(Out::Text(Utf8Bytes::from(reply.to_string())))
-            .await?;
+        self.queue(Out::Text(Utf8Bytes::from(reply.to_string())));
         self.queue(Out::Subscribe {
             channel_id: channel_id.to_owned(),
             since,
             explicit,
-        })
-        .await?;
+        });
         Ok(Value::Null)
     }
 
@@ -811,20 +809,21 @@ impl Reader {
             return Ok(json!({"type": "presence_unsubscribed", "workspace_id": workspace_id}));
         }
         // Watching first, then the snapshot: a change in between is sent
-        // twice at worst, never missed.
-        let members = self
-            .gw
-            .messaging
-            .presence(workspace_id, &self.conn.user_id)
-            .await
-            .map_err(problem)?;
+        // twice at worst, never missed. A non-member is refused by the
+        // snapshot and stops watching.
         self.gw.watch_presence(&self.conn, workspace_id, true);
-        let members = self
+        let members = match self
             .gw
             .messaging
             .presence(workspace_id, &self.conn.user_id)
             .await
-            .unwrap_or(members);
+        {
+            Ok(m) => m,
+            Err(e) => {
+                self.gw.watch_presence(&self.conn, workspace_id, false);
+                return Err(problem(e));
+            }
+        };
         Ok(
             json!({"type": "presence_subscribed", "workspace_id": workspace_id,
                   "members": members}),
@@ -835,13 +834,13 @@ impl Reader {
         let channel_id = str_field(v, "channel_id")?;
         self.gw.unsubscribe(&self.conn, channel_id);
         self.subscriptions.remove(channel_id);
-        self.queue(Out::Unsubscribe(channel_id.to_owned())).await?;
+        self.queue(Out::Unsubscribe(channel_id.to_owned()));
         Ok(json!({"type": "unsubscribed", "channel_id": channel_id}))
     }
 
-    async fn queue(&self, out: Out) -> Result<(), (String, String)> {
+    /// Queues a control item or reply; a full queue is a slow consumer.
+    fn queue(&self, out: Out) {
         self.gw.offer(&self.conn, out);
-        Ok(())
     }
 
     async fn send(&mut self, v: &Value) -> Result<Value, (String, String)> {

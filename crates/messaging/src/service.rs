@@ -831,16 +831,9 @@ impl Messaging {
 
     // -------------------------------------------------------------- messages
 
-    /// Posts a message. `Ok((message, false))` when a retry with the same
-    /// `client_id` found it already posted.
-    pub async fn post(
-        &self,
-        ctx: &RequestContext,
-        user_id: &str,
-        channel_id: &str,
-        new: NewMessage,
-    ) -> Result<(Message, bool), ApiError> {
-        let body = new.body.trim_end();
+    /// A message body as stored (trailing space trimmed), or why not.
+    fn checked_body<'b>(&self, body: &'b str) -> Result<&'b str, ApiError> {
+        let body = body.trim_end();
         if body.trim().is_empty() {
             return Err(invalid("body", "must not be empty"));
         }
@@ -851,6 +844,19 @@ impl Messaging {
                 .into());
         }
         clean_text("body", body)?;
+        Ok(body)
+    }
+
+    /// Posts a message. `Ok((message, false))` when a retry with the same
+    /// `client_id` found it already posted.
+    pub async fn post(
+        &self,
+        ctx: &RequestContext,
+        user_id: &str,
+        channel_id: &str,
+        new: NewMessage,
+    ) -> Result<(Message, bool), ApiError> {
+        let body = self.checked_body(&new.body)?;
         if let Some(c) = &new.client_id {
             if c.is_empty() || c.len() > 100 {
                 return Err(invalid("client_id", "1 to 100 characters"));
@@ -970,17 +976,7 @@ impl Messaging {
         message_id: &str,
         body: &str,
     ) -> Result<Message, ApiError> {
-        let body = body.trim_end();
-        if body.trim().is_empty() {
-            return Err(invalid("body", "must not be empty"));
-        }
-        let max = self.cfg.max_message_chars;
-        if body.chars().count() > max {
-            return Err(Problem::new(ErrorCode::PayloadTooLarge)
-                .with_field("body", format!("at most {max} characters"))
-                .into());
-        }
-        clean_text("body", body)?;
+        let body = self.checked_body(body)?;
         let m = self
             .message_in_channel(message_id)
             .await?
@@ -1242,14 +1238,7 @@ impl Messaging {
         })
         .map_err(StoreError::from)?;
         for (mid, emoji, user) in rows {
-            let list = out.entry(mid).or_default();
-            match list.iter_mut().find(|r| r.emoji == emoji) {
-                Some(r) => r.users.push(user),
-                None => list.push(Reaction {
-                    emoji,
-                    users: vec![user],
-                }),
-            }
+            add_reaction(out.entry(mid).or_default(), emoji, user);
         }
         Ok(out)
     }
@@ -1276,18 +1265,14 @@ impl Messaging {
                 .into());
         }
         self.access(channel_id, user_id).await?.require_read()?;
-        let thread_filter = if thread.is_some() {
-            " AND (parent_id = $4 OR id = $4)"
-        } else {
-            " AND ($4 = '' OR TRUE)"
-        };
         let (cond, order) = match after {
             Some(_) => ("seq > $2", "ASC"),
             None => ("seq < $2", "DESC"),
         };
         let pivot = after.or(before).unwrap_or(i64::MAX);
         let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel_id = $1 AND {cond}{thread_filter}
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE channel_id = $1 AND {cond}
+                AND ($4 = '' OR parent_id = $4 OR id = $4)
              ORDER BY seq {order} LIMIT $3"
         );
         let mut items: Vec<Message> = on_pool!(&self.db, |p| {
@@ -1789,13 +1774,18 @@ async fn reactions_tx(tx: &mut Tx, id: &str) -> Result<Vec<Reaction>, StoreError
     .map_err(StoreError::from)?;
     let mut out: Vec<Reaction> = Vec::new();
     for (emoji, user) in rows {
-        match out.iter_mut().find(|r| r.emoji == emoji) {
-            Some(r) => r.users.push(user),
-            None => out.push(Reaction {
-                emoji,
-                users: vec![user],
-            }),
-        }
+        add_reaction(&mut out, emoji, user);
     }
     Ok(out)
+}
+
+/// Folds one (emoji, user) row into a message's reactions, in row order.
+fn add_reaction(list: &mut Vec<Reaction>, emoji: String, user: String) {
+    match list.iter_mut().find(|r| r.emoji == emoji) {
+        Some(r) => r.users.push(user),
+        None => list.push(Reaction {
+            emoji,
+            users: vec![user],
+        }),
+    }
 }

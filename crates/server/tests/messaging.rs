@@ -9,8 +9,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -265,9 +264,8 @@ async fn two_then_fifty_clients_receive_every_message_once_in_order_and_resume_w
         .map(|f| f["message"]["body"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(bodies.len(), 20);
-    // The sender got an ack per send, with the sequence its message took.
-    let acks = fa.len();
-    assert_eq!(acks, 20);
+    // Only the 20 messages: nothing else took a sequence number.
+    assert_eq!(fa.len(), 20);
 
     // A retried send (same client_id) is the same message: no new frame.
     a.send(json!({"type": "send", "channel_id": general, "body": "a0", "client_id": "a-0", "ref": "dup"}))
@@ -939,8 +937,6 @@ async fn workspace_saga_and_the_sse_feed_with_resume() {
         }
         assert!(started.elapsed() < Duration::from_secs(5), "no heartbeat");
     }
-    let mut rest = [0u8; 0];
-    let _ = r.read(&mut rest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1137,7 +1133,6 @@ fn a_failed_critical_step_compensates_the_workspace() {
         None,
     );
     assert_eq!(st, 404);
-    let _ = Path::new("");
 }
 
 /// Three `flowline serve` processes on one PostgreSQL (schemas, event log):
@@ -1171,7 +1166,8 @@ async fn three_instances_share_channels_and_presence_through_the_bus() {
     // Accounts and tokens work on every node.
     let alice = register(a, "alice@example.com");
     let bob = register(c, "bob@example.com");
-    let alice_id = user_id(c, &alice);
+    // Tokens issued on one node work on the others.
+    assert!(!user_id(c, &alice).is_empty());
     let bob_id = user_id(a, &bob);
     let (ws_id, general) = workspace(b, &alice, &[&bob_id]);
 
@@ -1220,5 +1216,4 @@ async fn three_instances_share_channels_and_presence_through_the_bus() {
     drop(on_c);
     let p = watcher.presence_of(&bob_id, "offline").await;
     assert!(p["last_seen_at"].is_string());
-    let _ = alice_id;
 }
