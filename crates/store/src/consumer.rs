@@ -11,8 +11,9 @@ use crate::log::{EventLog, ReplayFrom};
 use crate::metrics::{GroupLabels, LogMetrics};
 use crate::Result;
 use flowline_core::RecordedEvent;
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -107,14 +108,29 @@ impl EventLog {
         handler: H,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Subscription> {
+        let partitions = self.options().partitions as i32;
         for t in &opts.topics {
-            self.ensure_group(&opts.group, t, opts.start).await?;
+            match self.bus() {
+                // Created now, so the group's start is fixed at registration.
+                Some(bus) => {
+                    for p in 0..partitions {
+                        bus.consumer(&opts.group, t, p, opts.start).await?;
+                    }
+                }
+                None => self.ensure_group(&opts.group, t, opts.start).await?,
+            }
         }
+        let units = opts
+            .topics
+            .iter()
+            .flat_map(|t| (0..partitions).map(move |p| (t.clone(), p)))
+            .collect();
         let worker = Worker {
             log: self.clone(),
             opts: opts.clone(),
             handler,
             shutdown,
+            leases: Leases::new(units),
         };
         let task = tokio::spawn(worker.run());
         Ok(Subscription {
@@ -129,6 +145,62 @@ struct Worker<H> {
     opts: ConsumerOptions,
     handler: H,
     shutdown: watch::Receiver<bool>,
+    leases: Leases,
+}
+
+/// The (topic, partition) units of a group this process handles. Several
+/// processes running one group share its units by lease: each takes its fair
+/// share of the live members' total, renews what it holds, and takes over
+/// units whose owner stopped renewing. A unit has one owner at a time, so
+/// per-key order holds across instances.
+struct Leases {
+    units: Vec<(String, i32)>,
+    owned: BTreeSet<(String, i32)>,
+    renewed: Option<Instant>,
+}
+
+impl Leases {
+    fn new(units: Vec<(String, i32)>) -> Leases {
+        Leases {
+            units,
+            owned: BTreeSet::new(),
+            renewed: None,
+        }
+    }
+
+    /// Renews and rebalances when a third of the lease has passed. Returns
+    /// the units newly acquired.
+    async fn refresh(&mut self, log: &EventLog, group: &str) -> Result<Vec<(String, i32)>> {
+        let lease = log.options().lease;
+        if self.renewed.is_some_and(|t| t.elapsed() < lease / 3) {
+            return Ok(Vec::new());
+        }
+        let owner = log.options().owner.clone();
+        let members = log.lease_heartbeat(group, &owner).await?.max(1);
+        let target = self.units.len().div_ceil(members as usize);
+        let mut owned: BTreeSet<_> = log.lease_renew(group, &owner).await?.into_iter().collect();
+        let mut acquired = Vec::new();
+        for u in &self.units {
+            if owned.len() >= target {
+                break;
+            }
+            if !owned.contains(u) && log.lease_claim(group, &u.0, u.1, &owner).await? {
+                owned.insert(u.clone());
+                acquired.push(u.clone());
+            }
+        }
+        // Give back the surplus so a member that joined gets its share.
+        while owned.len() > target {
+            let u = owned.pop_last().expect("non-empty");
+            log.lease_release(group, &owner, Some(&u)).await?;
+        }
+        if owned != self.owned {
+            tracing::info!(group, owner = %owner, members, units = owned.len(), "partition leases changed");
+        }
+        self.owned = owned;
+        self.renewed = Some(Instant::now());
+        Ok(acquired)
+    }
 }
 
 enum Outcome {
@@ -143,7 +215,15 @@ impl<H: Handler> Worker<H> {
         let idle_poll = self.log.options().idle_poll;
         loop {
             appends.borrow_and_update();
-            let progressed = match self.pass().await {
+            if let Err(e) = self.refresh_leases().await {
+                tracing::warn!(group = %self.opts.group, error = %e, "lease renewal failed; retrying");
+            }
+            let pass = if self.log.bus().is_some() {
+                self.pass_bus().await
+            } else {
+                self.pass().await
+            };
+            let progressed = match pass {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(group = %self.opts.group, error = %e, "consumer pass failed; retrying");
@@ -168,7 +248,117 @@ impl<H: Handler> Worker<H> {
                 break;
             }
         }
+        // Hand the partitions over now rather than at lease expiry.
+        let owner = self.log.options().owner.clone();
+        if let Err(e) = self.log.lease_release(&self.opts.group, &owner, None).await {
+            tracing::warn!(group = %self.opts.group, error = %e, "could not release leases");
+        }
         tracing::debug!(group = %self.opts.group, "consumer stopped");
+    }
+
+    async fn refresh_leases(&mut self) -> Result<()> {
+        let acquired = self.leases.refresh(&self.log, &self.opts.group).await?;
+        if let Some(bus) = self.log.bus() {
+            for (topic, p) in acquired {
+                bus.take_over(&self.opts.group, &topic, p, self.opts.start)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bus flavour of [`Self::pass`]: one fetch per owned partition,
+    /// handled in order; acknowledged after the handler's flush.
+    async fn pass_bus(&mut self) -> Result<bool> {
+        let log = self.log.clone();
+        let bus = log.bus().expect("bus pass without a bus");
+        let batch = self.log.options().fetch_batch.clamp(1, 10_000) as usize;
+        let max_deliver = bus.cfg.max_deliver;
+        let group = self.opts.group.clone();
+        let mut progressed = false;
+        let units: Vec<_> = self.leases.owned.iter().cloned().collect();
+        for (topic, partition) in units {
+            if self.stopping() {
+                break;
+            }
+            self.refresh_leases().await?;
+            if !self.leases.owned.contains(&(topic.clone(), partition)) {
+                continue;
+            }
+            let consumer = bus
+                .consumer(&group, &topic, partition, self.opts.start)
+                .await?;
+            let msgs = match bus.fetch(&consumer, batch).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // A replay may have replaced the consumer.
+                    bus.forget(&group, &topic, partition);
+                    return Err(e);
+                }
+            };
+            if msgs.is_empty() {
+                continue;
+            }
+            let labels = LogMetrics::group(&group, &topic);
+            let mut done = Vec::with_capacity(msgs.len());
+            let mut delivered = 0;
+            for m in msgs {
+                if self.stopping() {
+                    break;
+                }
+                let (ev, deliveries) = match crate::bus::NatsBus::decode(&m, partition) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::error!(group = %group, topic = %topic, error = %e, "undecodable message skipped");
+                        done.push(m);
+                        continue;
+                    }
+                };
+                if deliveries > max_deliver {
+                    let why = format!("delivered {deliveries} times (max_deliver {max_deliver})");
+                    self.log
+                        .dead_letter(&group, &ev, &why, deliveries as u32)
+                        .await?;
+                    done.push(m);
+                    continue;
+                }
+                match self.deliver(&ev, &labels).await? {
+                    Outcome::Delivered => {
+                        delivered += 1;
+                        done.push(m);
+                    }
+                    Outcome::DeadLettered => done.push(m),
+                    Outcome::Stopped => break,
+                }
+            }
+            self.log
+                .metrics()
+                .delivered
+                .get_or_create(&labels)
+                .inc_by(delivered);
+            if done.is_empty() {
+                continue;
+            }
+            progressed = true;
+            if let Err(e) = self.handler.flush().await {
+                // Unacknowledged: the next owner of this partition gets them again.
+                tracing::warn!(group = %group, error = %e.message, "handler flush failed");
+                bus.take_over(&group, &topic, partition, self.opts.start)
+                    .await?;
+                return Ok(progressed);
+            }
+            for m in done {
+                if let Err(e) = m.ack().await {
+                    tracing::warn!(group = %group, error = %e, "ack failed; the event will be redelivered");
+                }
+            }
+            // The acks are applied before the lease can change hands, so a
+            // new owner does not rewind over them.
+            if let Err(e) = bus.client.flush().await {
+                tracing::warn!(group = %group, error = %e, "ack flush failed");
+            }
+        }
+        Ok(progressed)
     }
 
     fn stopping(&self) -> bool {
@@ -186,6 +376,9 @@ impl<H: Handler> Worker<H> {
             let mut delivered = 0;
             let mut stopped = false;
             for (partition, next) in self.log.positions(&self.opts.group, &topic).await? {
+                if !self.leases.owned.contains(&(topic.clone(), partition)) {
+                    continue;
+                }
                 let events = self.log.read(&topic, partition, next, batch).await?;
                 let Some(first) = events.first() else {
                     continue;

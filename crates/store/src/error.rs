@@ -30,4 +30,6 @@ pub enum StoreError {
     UnknownGroup(String),
     #[error("no dead letter {0}")]
     UnknownDeadLetter(i64),
+    #[error("event bus: {0}")]
+    Bus(String),
 }

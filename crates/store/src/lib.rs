@@ -6,6 +6,8 @@
 //!   causes them; a [`outbox::Relay`] moves them to the log.
 //! - [`EventLog`]: durable topics, partitions by key, consumer groups with
 //!   committed offsets, retries, dead letters, retention and replay.
+//! - [`NatsConfig`]: in distributed mode the log's events live in NATS
+//!   JetStream instead (groups, leases and dead letters stay in SQL).
 //! - [`inbox`]: a consumer records the event ids it applied in the transaction of
 //!   its effect, so redelivery has no second effect.
 //!
@@ -15,6 +17,7 @@
 
 #[macro_use]
 mod db;
+mod bus;
 mod consumer;
 mod error;
 pub mod inbox;
@@ -23,6 +26,7 @@ mod metrics;
 mod migrate;
 pub mod outbox;
 
+pub use bus::NatsConfig;
 pub use consumer::{ConsumerOptions, Handler, HandlerError, Subscription};
 pub use db::{redact_url, Backend, Db, Durability, Tx};
 pub use error::StoreError;

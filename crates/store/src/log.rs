@@ -6,6 +6,7 @@
 //! PostgreSQL too, offsets in a partition become visible in offset order and a
 //! reader can never skip an event that commits late.
 
+use crate::bus::{NatsBus, NatsConfig};
 use crate::db::{Backend, Db, Tx};
 use crate::error::StoreError;
 use crate::metrics::{LogMetrics, TopicLabels};
@@ -24,13 +25,22 @@ use uuid::Uuid;
 /// Dead-lettered events of group `G` are appended to topic `dlq.G`.
 pub const DLQ_TOPIC_PREFIX: &str = "dlq.";
 
-pub(crate) const LOG_MIGRATIONS: &[Migration] = &[Migration {
-    scope: "log",
-    version: 1,
-    name: "init",
-    sqlite: include_str!("../migrations/sqlite/log_0001_init.sql"),
-    postgres: include_str!("../migrations/postgres/log_0001_init.sql"),
-}];
+pub(crate) const LOG_MIGRATIONS: &[Migration] = &[
+    Migration {
+        scope: "log",
+        version: 1,
+        name: "init",
+        sqlite: include_str!("../migrations/sqlite/log_0001_init.sql"),
+        postgres: include_str!("../migrations/postgres/log_0001_init.sql"),
+    },
+    Migration {
+        scope: "log",
+        version: 2,
+        name: "leases",
+        sqlite: include_str!("../migrations/sqlite/log_0002_leases.sql"),
+        postgres: include_str!("../migrations/postgres/log_0002_leases.sql"),
+    },
+];
 
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -44,6 +54,10 @@ pub struct LogOptions {
     pub fetch_batch: i64,
     /// How often an idle consumer looks for appends made by other processes.
     pub idle_poll: Duration,
+    /// Names this process as a partition owner (unique per process).
+    pub owner: String,
+    /// How long a partition stays with an owner that stops renewing it.
+    pub lease: Duration,
 }
 
 impl Default for LogOptions {
@@ -55,6 +69,8 @@ impl Default for LogOptions {
             backoff_max: Duration::from_secs(10),
             fetch_batch: 1000,
             idle_poll: Duration::from_millis(500),
+            owner: Uuid::now_v7().to_string(),
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -141,6 +157,9 @@ pub(crate) struct Inner {
     pub(crate) opts: LogOptions,
     pub(crate) appended: watch::Sender<u64>,
     pub(crate) metrics: LogMetrics,
+    /// Distributed mode: events live in NATS JetStream; `db` keeps groups'
+    /// leases and dead letters.
+    pub(crate) bus: Option<NatsBus>,
 }
 
 const EVENT_COLUMNS: &str = "topic, partition_no, log_offset, event_id, event_type, event_key, \
@@ -166,16 +185,54 @@ impl EventLog {
     }
 
     pub async fn with_db(db: Db, opts: LogOptions) -> Result<EventLog> {
+        Self::with_bus(db, opts, None).await
+    }
+
+    /// The log on NATS JetStream (`Some`) or in `db` (`None`); `db` holds the
+    /// groups' leases and dead letters either way.
+    pub async fn with_bus(db: Db, opts: LogOptions, nats: Option<NatsConfig>) -> Result<EventLog> {
         db.migrate(LOG_MIGRATIONS).await?;
         let (appended, _) = watch::channel(0);
+        let bus = match nats {
+            Some(cfg) => {
+                let bus = NatsBus::connect(cfg).await?;
+                bus.forward_wakeups(appended.clone()).await?;
+                Some(bus)
+            }
+            None => None,
+        };
         Ok(EventLog {
             inner: Arc::new(Inner {
                 db,
                 opts,
                 appended,
                 metrics: LogMetrics::default(),
+                bus,
             }),
         })
+    }
+
+    /// Opens the log's database and, when `nats` is given, the bus.
+    pub async fn open_with(
+        backend: &Backend,
+        opts: LogOptions,
+        nats: Option<NatsConfig>,
+    ) -> Result<EventLog> {
+        let db = Db::open(backend, "eventlog").await?;
+        Self::with_bus(db, opts, nats).await
+    }
+
+    /// `nats` or `embedded`.
+    pub fn kind(&self) -> &'static str {
+        if self.inner.bus.is_some() {
+            "nats"
+        } else {
+            "embedded"
+        }
+    }
+
+    pub(crate) fn bus(&self) -> Option<&NatsBus> {
+        self.inner.bus.as_ref()
     }
 
     pub fn db(&self) -> &Db {
@@ -201,6 +258,11 @@ impl EventLog {
     pub async fn append(&self, events: &[Envelope]) -> Result<usize> {
         if events.is_empty() {
             return Ok(0);
+        }
+        if let Some(bus) = &self.inner.bus {
+            let n = bus.publish(events, self.inner.opts.partitions).await?;
+            self.announce(n, events);
+            return Ok(n);
         }
         let mut tx = self.inner.db.begin().await?;
         let n = self.append_in(&mut tx, events).await?;
@@ -327,6 +389,11 @@ impl EventLog {
         from: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>> {
+        if let Some(bus) = &self.inner.bus {
+            return bus
+                .read_at(topic, partition, ReplayFrom::Offset(from), limit)
+                .await;
+        }
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM log_events
              WHERE topic = $1 AND partition_no = $2 AND log_offset >= $3
@@ -354,6 +421,15 @@ impl EventLog {
         from: ReplayFrom,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>> {
+        if let Some(bus) = &self.inner.bus {
+            let mut all = Vec::new();
+            for p in 0..self.inner.opts.partitions as i32 {
+                all.extend(bus.read_at(topic, p, from, limit).await?);
+            }
+            all.sort_by_key(|e| (e.appended_at, e.offset));
+            all.truncate(limit.max(0) as usize);
+            return Ok(all);
+        }
         let (cond, arg) = match from {
             ReplayFrom::Earliest => ("log_offset >= $2", 0),
             ReplayFrom::Offset(o) => ("log_offset >= $2", o),
@@ -378,6 +454,9 @@ impl EventLog {
     }
 
     pub async fn topics(&self) -> Result<Vec<TopicStats>> {
+        if let Some(bus) = &self.inner.bus {
+            return bus.topics().await;
+        }
         let rows = on_pool!(&self.inner.db, |p| {
             let rows = sqlx::query(
                 "SELECT p.topic AS topic, count(DISTINCT p.partition_no) AS partitions,
@@ -436,9 +515,132 @@ impl EventLog {
         tx.commit().await
     }
 
+    /// Marks `owner` a live member of `group` for one lease; returns the
+    /// number of live members.
+    pub(crate) async fn lease_heartbeat(&self, group: &str, owner: &str) -> Result<i64> {
+        let now = Timestamp::now().as_micros();
+        let until = now + self.inner.opts.lease.as_micros() as i64;
+        let mut tx = self.inner.db.begin().await?;
+        on_tx!(&mut tx, |c| sqlx::query(
+            "INSERT INTO log_members (group_name, owner, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (group_name, owner) DO UPDATE SET expires_at = excluded.expires_at"
+        )
+        .bind(group)
+        .bind(owner)
+        .bind(until)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        on_tx!(&mut tx, |c| sqlx::query(
+            "DELETE FROM log_members WHERE group_name = $1 AND expires_at < $2"
+        )
+        .bind(group)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let n: i64 = on_tx!(&mut tx, |c| sqlx::query_scalar(
+            "SELECT count(*) FROM log_members WHERE group_name = $1"
+        )
+        .bind(group)
+        .fetch_one(c)
+        .await)?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Extends every lease `owner` holds in `group` (even one that lapsed but
+    /// nobody took) and returns them.
+    pub(crate) async fn lease_renew(&self, group: &str, owner: &str) -> Result<Vec<(String, i32)>> {
+        let until = Timestamp::now().as_micros() + self.inner.opts.lease.as_micros() as i64;
+        let rows: Vec<(String, i32)> = on_pool!(write & self.inner.db, |p| sqlx::query_as(
+            "UPDATE log_leases SET expires_at = $3 WHERE group_name = $1 AND owner = $2
+             RETURNING topic, partition_no"
+        )
+        .bind(group)
+        .bind(owner)
+        .bind(until)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows)
+    }
+
+    /// Takes one unit if it is free or its lease has lapsed. Atomic: of two
+    /// claimants one wins.
+    pub(crate) async fn lease_claim(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        owner: &str,
+    ) -> Result<bool> {
+        let now = Timestamp::now().as_micros();
+        let until = now + self.inner.opts.lease.as_micros() as i64;
+        let won: Option<i32> = on_pool!(write & self.inner.db, |p| sqlx::query_scalar(
+            "INSERT INTO log_leases (group_name, topic, partition_no, owner, expires_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (group_name, topic, partition_no) DO UPDATE
+               SET owner = excluded.owner, expires_at = excluded.expires_at
+               WHERE log_leases.owner = excluded.owner OR log_leases.expires_at < $6
+             RETURNING partition_no"
+        )
+        .bind(group)
+        .bind(topic)
+        .bind(partition)
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .fetch_optional(p)
+        .await)?;
+        Ok(won.is_some())
+    }
+
+    /// Gives up one unit, or (with `None`) everything `owner` holds in `group`
+    /// and its membership.
+    pub(crate) async fn lease_release(
+        &self,
+        group: &str,
+        owner: &str,
+        unit: Option<&(String, i32)>,
+    ) -> Result<()> {
+        let (topic, partition) = match unit {
+            Some((t, p)) => (t.as_str(), *p),
+            None => ("", -1),
+        };
+        on_pool!(write & self.inner.db, |p| sqlx::query(
+            "DELETE FROM log_leases WHERE group_name = $1 AND owner = $2
+               AND ($3 = '' OR (topic = $3 AND partition_no = $4))"
+        )
+        .bind(group)
+        .bind(owner)
+        .bind(topic)
+        .bind(partition)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if unit.is_none() {
+            on_pool!(write & self.inner.db, |p| sqlx::query(
+                "DELETE FROM log_members WHERE group_name = $1 AND owner = $2"
+            )
+            .bind(group)
+            .bind(owner)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        Ok(())
+    }
+
     /// Where `from` points in each partition of `topic` (for readers that are
     /// not consumer groups, such as `events tail`).
     pub async fn resolve(&self, topic: &str, from: ReplayFrom) -> Result<Vec<(i32, i64)>> {
+        if let Some(bus) = &self.inner.bus {
+            let mut out = Vec::new();
+            for p in 0..self.inner.opts.partitions as i32 {
+                out.push((p, bus.resolve(topic, p, from).await?));
+            }
+            return Ok(out);
+        }
         let mut tx = self.inner.db.begin().await?;
         let mut out = Vec::new();
         for partition in 0..self.inner.opts.partitions as i32 {
@@ -497,6 +699,9 @@ impl EventLog {
 
     /// Every group's position and lag.
     pub async fn groups(&self) -> Result<Vec<GroupPosition>> {
+        if let Some(bus) = &self.inner.bus {
+            return bus.groups().await;
+        }
         let rows: Vec<(String, String, i32, i64, Option<i64>)> = on_pool!(&self.inner.db, |p| {
             sqlx::query_as(
                 "SELECT g.group_name, g.topic, g.partition_no, g.next_offset, p.next_offset
@@ -547,6 +752,11 @@ impl EventLog {
         topic: Option<&str>,
         from: ReplayFrom,
     ) -> Result<usize> {
+        if let Some(bus) = &self.inner.bus {
+            let n = bus.replay(group, topic, from).await?;
+            self.inner.appended.send_modify(|v| *v = v.wrapping_add(1));
+            return Ok(n);
+        }
         let mut tx = self.inner.db.begin().await?;
         let parts: Vec<(String, i32)> = on_tx!(&mut tx, |c| {
             sqlx::query_as(
@@ -597,12 +807,17 @@ impl EventLog {
     ) -> Result<()> {
         let e = &event.envelope;
         let now = Timestamp::now().as_micros();
+        // On the bus the event is not in `log_events`: keep it for retries.
+        let event_json = match self.inner.bus {
+            Some(_) => Some(serde_json::to_string(event)?),
+            None => None,
+        };
         let mut tx = self.inner.db.begin().await?;
         let inserted = on_tx!(&mut tx, |c| {
             sqlx::query(
             "INSERT INTO log_dead_letters (group_name, topic, partition_no, log_offset, event_id,
-                event_type, error, attempts, status, dead_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'dead', $9, $9)
+                event_type, error, attempts, status, dead_at, updated_at, event_json)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'dead', $9, $9, $10)
              ON CONFLICT (group_name, event_id) DO NOTHING"
         )
         .bind(group)
@@ -614,6 +829,7 @@ impl EventLog {
         .bind(error)
         .bind(attempts as i32)
         .bind(now)
+        .bind(event_json.as_deref())
         .execute(c)
         .await
         .map(|r| r.rows_affected())
@@ -641,9 +857,17 @@ impl EventLog {
             e,
         );
         let dlq = std::slice::from_ref(&dlq);
-        let n = self.append_in(&mut tx, dlq).await?;
-        tx.commit().await?;
-        self.announce(n, dlq);
+        if let Some(bus) = &self.inner.bus {
+            // Recorded first: a crash before the publish loses only the
+            // notice on `dlq.<group>`, never the dead letter.
+            tx.commit().await?;
+            let n = bus.publish(dlq, self.inner.opts.partitions).await?;
+            self.announce(n, dlq);
+        } else {
+            let n = self.append_in(&mut tx, dlq).await?;
+            tx.commit().await?;
+            self.announce(n, dlq);
+        }
         self.inner
             .metrics
             .dead_lettered
@@ -717,6 +941,26 @@ impl EventLog {
         &self,
         group: &str,
     ) -> Result<Vec<(i64, i32, RecordedEvent)>> {
+        if self.inner.bus.is_some() {
+            let rows: Vec<(i64, i32, Option<String>)> = on_pool!(&self.inner.db, |p| {
+                sqlx::query_as(
+                    "SELECT id, attempts, event_json FROM log_dead_letters
+                     WHERE group_name = $1 AND status = 'retry' ORDER BY id LIMIT 100",
+                )
+                .bind(group)
+                .fetch_all(p)
+                .await
+            })?;
+            return rows
+                .into_iter()
+                .filter_map(|(id, attempts, json)| Some((id, attempts, json?)))
+                .map(|(id, attempts, json)| {
+                    let ev: RecordedEvent = serde_json::from_str(&json)
+                        .map_err(|_| StoreError::CorruptEvent(format!("dead letter {id}")))?;
+                    Ok((id, attempts, ev))
+                })
+                .collect();
+        }
         // A retried event that retention already dropped can never be delivered:
         // put it back to `dead` with the reason instead of leaving it pending.
         on_pool!(write & self.inner.db, |p| {
@@ -793,6 +1037,10 @@ impl EventLog {
         max_age: Option<Duration>,
         max_bytes: Option<u64>,
     ) -> Result<u64> {
+        if self.inner.bus.is_some() {
+            // The streams' own `max_age` retention applies.
+            return Ok(0);
+        }
         let mut dropped = 0;
         if let Some(age) = max_age {
             let cutoff = Timestamp::now().saturating_sub(age).as_micros();
