@@ -11,10 +11,12 @@ pub mod password;
 pub mod routes;
 pub mod service;
 pub mod sessions;
+pub mod sessions_redis;
 pub mod tokens;
 
 pub use credentials::{CredentialError, Email, Password};
 pub use password::PasswordHasher;
 pub use service::{Device, Identity, IdentityConfig, TokenPair, User};
-pub use sessions::{Session, SessionStore};
+pub use sessions::{Rotation, Session, SessionStore, SqlSessionStore};
+pub use sessions_redis::RedisSessionStore;
 pub use tokens::{AccessClaims, KeyRing, SigningKey, TokenError};

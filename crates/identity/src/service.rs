@@ -192,6 +192,13 @@ impl Identity {
         })
     }
 
+    /// Keeps sessions in `store` instead of the identity database (e.g. a
+    /// `RedisSessionStore` shared by every node).
+    pub fn with_session_store(mut self, store: Arc<dyn SessionStore>) -> Self {
+        self.sessions = store;
+        self
+    }
+
     pub fn jwks(&self) -> serde_json::Value {
         self.keys.read().expect("poisoned").jwks()
     }
@@ -640,12 +647,16 @@ impl Identity {
                 c
             }
         };
-        let cached = self
-            .active
-            .lock()
-            .expect("poisoned")
-            .get(&claims.sid)
-            .is_some_and(|(exp, at)| *exp > now && at.elapsed() < ACTIVE_CACHE_TTL);
+        // A shared store is read on every request: a logout on another node
+        // must take effect here at once, not after ACTIVE_CACHE_TTL.
+        let shared = self.sessions.shared();
+        let cached = !shared
+            && self
+                .active
+                .lock()
+                .expect("poisoned")
+                .get(&claims.sid)
+                .is_some_and(|(exp, at)| *exp > now && at.elapsed() < ACTIVE_CACHE_TTL);
         if !cached {
             use std::sync::atomic::Ordering;
             let generation = self.revocations.load(Ordering::SeqCst);
@@ -653,14 +664,16 @@ impl Identity {
             let Some(s) = session.filter(|s| s.is_active(now) && s.user_id == claims.sub) else {
                 return Err(Problem::new(ErrorCode::TokenInvalid).into());
             };
-            let mut active = self.active.lock().expect("poisoned");
-            // A revocation since our read may be of this very session: answer
-            // from the read, but do not remember it.
-            if self.revocations.load(Ordering::SeqCst) == generation {
-                if active.len() > 100_000 {
-                    active.clear();
+            if !shared {
+                let mut active = self.active.lock().expect("poisoned");
+                // A revocation since our read may be of this very session: answer
+                // from the read, but do not remember it.
+                if self.revocations.load(Ordering::SeqCst) == generation {
+                    if active.len() > 100_000 {
+                        active.clear();
+                    }
+                    active.insert(claims.sid.clone(), (s.expires_at, Instant::now()));
                 }
-                active.insert(claims.sid.clone(), (s.expires_at, Instant::now()));
             }
         }
         Ok(Principal {

@@ -70,6 +70,11 @@ pub trait SessionStore: Send + Sync + 'static {
         new_hash: &'a str,
         now: i64,
     ) -> BoxFuture<'a, Result<Rotation>>;
+    /// Whether other nodes write this store too. Then a node must not cache
+    /// what it read: another node's revocation would go unseen until expiry.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Sessions in the identity database.

@@ -43,11 +43,7 @@ pub struct AppState {
 impl AppState {
     /// `Err(name)` of the first store that does not answer.
     pub async fn ready(&self) -> Result<(), String> {
-        self.log
-            .db()
-            .ping()
-            .await
-            .map_err(|_| "event log".to_owned())?;
+        self.log.ping().await.map_err(|_| "event log".to_owned())?;
         for (name, db) in &self.databases {
             db.ping().await.map_err(|_| format!("{name} database"))?;
         }
@@ -62,7 +58,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         Backend::Sqlite { dir, .. } => Some(DataDirLock::acquire(dir)?),
         Backend::Postgres { .. } => None,
     };
-    let log = EventLog::open(&backend, settings.log_options()).await?;
+    let log = settings.open_log(&backend).await?;
     let probe = Db::open(&backend, "probe").await?;
     crate::probe::migrate(&probe).await?;
     probe.close().await;
@@ -123,7 +119,51 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 pub async fn open_identity(settings: &Settings, log: &EventLog) -> anyhow::Result<Identity> {
     let db = Db::open(&settings.backend()?, "identity").await?;
     let relay = Relay::new(db.clone(), log.clone());
-    Ok(Identity::open(db, relay, settings.identity_config()).await?)
+    let identity = Identity::open(db.clone(), relay, settings.identity_config()).await?;
+    with_sessions(settings, identity, db).await
+}
+
+/// Where sessions live: the identity database, or Redis when `cache.url` is one.
+async fn with_sessions(
+    settings: &Settings,
+    identity: Identity,
+    db: Db,
+) -> anyhow::Result<Identity> {
+    if !settings.cache.url.starts_with("redis://") {
+        return Ok(identity);
+    }
+    // Distributed mode: sessions live in Redis, so a logout on one instance
+    // holds on every instance at once.
+    let store = flowline_identity::RedisSessionStore::connect(
+        &settings.cache.url,
+        settings.cache.key_prefix.clone(),
+        db,
+    )
+    .await?;
+    Ok(identity.with_session_store(Arc::new(store)))
+}
+
+/// The rate limiter: per process, or cluster-wide in Redis.
+async fn open_limiter(
+    settings: &Settings,
+    registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Arc<dyn RateLimiter>> {
+    if !settings.cache.url.starts_with("redis://") {
+        return Ok(Arc::new(MemoryRateLimiter::default()));
+    }
+    let limiter = flowline_http::ratelimit::RedisRateLimiter::connect(
+        &settings.cache.url,
+        settings.cache.key_prefix.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "connecting to Redis at {}",
+            flowline_store::redact_url(&settings.cache.url)
+        )
+    })?;
+    limiter.register(registry);
+    Ok(Arc::new(limiter))
 }
 
 /// The payments context on `db`, with the built-in sandbox provider.
@@ -232,7 +272,7 @@ impl App {
             Backend::Sqlite { dir, .. } => Some(DataDirLock::acquire(dir)?),
             Backend::Postgres { .. } => None,
         };
-        let log = EventLog::open(&backend, settings.log_options()).await?;
+        let log = settings.open_log(&backend).await?;
         let mut metrics = Metrics::new(log.metrics());
         let cache = Arc::new(ResponseCache::new(100_000));
         cache.register(&mut metrics.registry);
@@ -261,14 +301,13 @@ impl App {
 
         let identity_db = Db::open(&backend, "identity").await?;
         let identity_relay = Relay::new(identity_db.clone(), log.clone());
-        let identity = Arc::new(
-            Identity::open(
-                identity_db.clone(),
-                identity_relay.clone(),
-                settings.identity_config(),
-            )
-            .await?,
-        );
+        let identity = Identity::open(
+            identity_db.clone(),
+            identity_relay.clone(),
+            settings.identity_config(),
+        )
+        .await?;
+        let identity = Arc::new(with_sessions(&settings, identity, identity_db.clone()).await?);
         relays.push(tokio::spawn(identity_relay.run(relay_rx.clone())));
         databases.push(("identity", identity_db));
 
@@ -577,7 +616,7 @@ impl App {
         );
 
         check_connection_budget(&log, databases.len() + 1, settings.database.max_connections).await;
-        let limiter: Arc<dyn RateLimiter> = Arc::new(MemoryRateLimiter::default());
+        let limiter = open_limiter(&settings, &mut metrics.registry).await?;
         let state = Arc::new(AppState {
             settings,
             log,

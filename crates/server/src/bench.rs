@@ -260,6 +260,11 @@ pub struct EventsReport {
     pub latency_rate: u64,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+    /// `sqlite+embedded`, `postgres+embedded`, `postgres+nats`…
+    pub store: String,
+    /// Bare JetStream publish + consume of the same events, same run.
+    pub nats_bare_per_sec: Option<f64>,
+    pub vs_nats_bare: Option<f64>,
 }
 
 impl Report for EventsReport {
@@ -267,7 +272,8 @@ impl Report for EventsReport {
         let mut o = std::io::stdout().lock();
         let _ = writeln!(
             o,
-            "scenario   event log: append + deliver to one consumer group (embedded SQLite)"
+            "scenario   event log: append + deliver to one consumer group ({})",
+            self.store
         );
         let _ = writeln!(o, "machine    {}", self.machine);
         let _ = writeln!(
@@ -290,6 +296,12 @@ impl Report for EventsReport {
             "           end-to-end latency at saturation: p50 {:.1} ms, p99 {:.1} ms",
             self.saturated_p50_ms, self.saturated_p99_ms
         );
+        if let (Some(bare), Some(r)) = (self.nats_bare_per_sec, self.vs_nats_bare) {
+            let _ = writeln!(
+                o,
+                "peer       {bare:.0} events/s bare JetStream publish + consume, same run: flowline = {r:.2} × bare"
+            );
+        }
         if let (Some(p50), Some(p99)) = (self.latency_p50_ms, self.latency_p99_ms) {
             let _ = writeln!(
                 o,
@@ -394,13 +406,25 @@ async fn events_scenario(
     latency_for: Duration,
 ) -> anyhow::Result<EventsReport> {
     let fsync = fsync_ceiling(dir, Duration::from_secs(2))?;
-    let backend = Backend::Sqlite {
-        dir: dir.to_path_buf(),
-        durability: settings.database.durability,
+    // The configured database and bus, under a scratch prefix (dropped after).
+    let run_id = flowline_core::id::new_id().simple().to_string();
+    let backend = if settings.database.url.starts_with("postgres") {
+        let mut s = settings.clone();
+        s.database.schema_prefix = format!("bench{run_id}_");
+        s.backend()?
+    } else {
+        Backend::Sqlite {
+            dir: dir.to_path_buf(),
+            durability: settings.database.durability,
+        }
     };
+    let mut nats = settings.nats_config();
+    if let Some(n) = &mut nats {
+        n.prefix = format!("bench{run_id}");
+    }
     let mut opts = settings.log_options();
     opts.fetch_batch = opts.fetch_batch.max(batch as i64);
-    let log = EventLog::open(&backend, opts.clone()).await?;
+    let log = EventLog::open_with(&backend, opts.clone(), nats.clone()).await?;
     let recorder = Arc::new(Recorder {
         received: AtomicU64::new(0),
         target: AtomicU64::new(events),
@@ -456,7 +480,18 @@ async fn events_scenario(
     }
     let _ = stop.send(true);
     let _ = sub.task.await;
+    log.delete_bus_streams().await?;
     log.db().close().await;
+
+    // The ceiling on the bus: JetStream's own publish + pull-consume of the
+    // same events (same body size, same batches), in this run.
+    let bare = match &nats {
+        Some(n) => {
+            let body = serde_json::to_vec(&drafts(1, &payload, &mut seq)[0])?.len();
+            Some(nats_bare(&n.url, &run_id, events, batch, body).await?)
+        }
+        None => None,
+    };
 
     let eps = events as f64 / elapsed;
     Ok(EventsReport {
@@ -474,7 +509,88 @@ async fn events_scenario(
         latency_rate,
         latency_p50_ms: p50,
         latency_p99_ms: p99,
+        store: format!("{}+{}", backend.name(), log.kind()),
+        nats_bare_per_sec: bare,
+        vs_nats_bare: bare.map(|b| eps / b),
     })
+}
+
+/// Events/s that bare JetStream sustains on this machine: publish in
+/// batches with `Nats-Msg-Id` (waiting for every ack, as the relay does) while
+/// a durable pull consumer fetches and acks each message.
+async fn nats_bare(
+    url: &str,
+    run_id: &str,
+    events: u64,
+    batch: usize,
+    body_bytes: usize,
+) -> anyhow::Result<f64> {
+    use async_nats::jetstream::{self, consumer::pull, stream};
+    use futures_util::StreamExt;
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client);
+    let name = format!("BENCHBARE{}", run_id.to_uppercase());
+    let subject = format!("benchbare{run_id}.events");
+    let s = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer: jetstream::consumer::PullConsumer = s
+        .create_consumer(pull::Config {
+            durable_name: Some("bare".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await?;
+    let body = bytes_of(body_bytes);
+    let start = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut got = 0u64;
+        while got < events {
+            let mut msgs = consumer
+                .batch()
+                .max_messages(batch)
+                .expires(Duration::from_millis(50))
+                .messages()
+                .await?;
+            while let Some(m) = msgs.next().await {
+                m.map_err(|e| anyhow::anyhow!("{e}"))?
+                    .ack()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                got += 1;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let mut sent = 0u64;
+    while sent < events {
+        let n = batch.min((events - sent) as usize);
+        let mut acks = Vec::with_capacity(n);
+        for _ in 0..n {
+            sent += 1;
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(body.clone())
+                .message_id(format!("{run_id}-{sent}"));
+            acks.push(js.send_publish(subject.clone(), msg).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+    }
+    reader.await??;
+    let rate = events as f64 / start.elapsed().as_secs_f64();
+    js.delete_stream(&name).await?;
+    Ok(rate)
+}
+
+fn bytes_of(n: usize) -> bytes::Bytes {
+    vec![b'x'; n].into()
 }
 
 #[derive(Debug, serde::Serialize)]

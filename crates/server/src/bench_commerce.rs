@@ -8,7 +8,7 @@ use crate::bench::{fsync_ceiling, machine_description, Report};
 use crate::config::Settings;
 use flowline_http::RequestContext;
 use flowline_store::outbox::Relay;
-use flowline_store::{Backend, Db, EventLog};
+use flowline_store::{Backend, Db};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,7 +169,7 @@ pub async fn run(
             durability,
         },
     };
-    let log = EventLog::open(&backend, settings.log_options()).await?;
+    let log = settings.open_log(&backend).await?;
     let metrics = flowline_cache::CacheMetrics::default();
     // Relays run as in a server: their commits compete with the measured ones.
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -95,6 +95,14 @@ pub async fn run(
     } else {
         settings.database.url = "sqlite://".into();
     }
+    if let Some(prefix) = settings
+        .bus
+        .url
+        .starts_with("nats://")
+        .then(|| format!("bench{}", flowline_core::id::new_id().simple()))
+    {
+        settings.bus.prefix = prefix;
+    }
     settings.probe.enabled = false;
     // One client orders thousands of times: measure the flow, not the
     // limiter or the fraud rules' velocity limits.
@@ -102,7 +110,15 @@ pub async fn run(
     settings.payments.fraud_max_per_user = i64::MAX;
     settings.payments.fraud_max_per_card = i64::MAX;
     settings.payments.sandbox_latency.0 = Duration::ZERO;
-    let backend = settings.backend()?.name().to_owned();
+    let backend = format!(
+        "{}+{}",
+        settings.backend()?.name(),
+        if settings.bus.url.starts_with("nats://") {
+            "nats"
+        } else {
+            "embedded"
+        }
+    );
     let durability = format!("{:?}", settings.database.durability).to_lowercase();
 
     let app = crate::app::App::start(settings).await?;

@@ -669,7 +669,7 @@ fn read_password() -> anyhow::Result<String> {
 }
 
 async fn open_log(settings: &Settings) -> anyhow::Result<EventLog> {
-    Ok(EventLog::open(&settings.backend()?, settings.log_options()).await?)
+    settings.open_log(&settings.backend()?).await
 }
 
 async fn events(settings: Settings, cmd: EventsCommand) -> anyhow::Result<()> {

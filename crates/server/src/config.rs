@@ -17,6 +17,8 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub eventlog: EventLogSettings,
+    pub bus: BusSettings,
+    pub cache: CacheSettings,
     pub log: LogSettings,
     pub probe: ProbeSettings,
     pub auth: AuthSettings,
@@ -335,6 +337,52 @@ pub struct EventLogSettings {
     /// Per topic; the oldest events beyond it are dropped. 0 means no limit.
     pub retention_max_bytes: u64,
     pub retention_interval: HumanDuration,
+    /// How long a consumer-group partition stays with an instance that
+    /// stopped renewing it (it died) before another instance takes it.
+    pub lease: HumanDuration,
+}
+
+/// Where the event log's events travel: `embedded` keeps them in the
+/// database (the SQLite file, or the shared PostgreSQL), `nats://…` uses NATS
+/// JetStream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusSettings {
+    pub url: String,
+    /// Subject and stream-name prefix (several deployments can share a server).
+    pub prefix: String,
+    /// Deliveries of one event (each after a node died holding it) before it
+    /// is dead-lettered.
+    pub max_deliver: u32,
+}
+
+impl Default for BusSettings {
+    fn default() -> Self {
+        BusSettings {
+            url: "embedded".into(),
+            prefix: "flowline".into(),
+            max_deliver: 10,
+        }
+    }
+}
+
+/// Sessions, rate-limit counters and cache invalidation: `memory` (this
+/// process) or `redis://…` (shared by every instance).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    pub url: String,
+    /// Prepended to every key (several deployments can share a server).
+    pub key_prefix: String,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            url: "memory".into(),
+            key_prefix: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,6 +416,8 @@ impl Default for Settings {
             server: ServerSettings::default(),
             database: DatabaseSettings::default(),
             eventlog: EventLogSettings::default(),
+            bus: BusSettings::default(),
+            cache: CacheSettings::default(),
             log: LogSettings::default(),
             probe: ProbeSettings::default(),
             auth: AuthSettings::default(),
@@ -416,6 +466,7 @@ impl Default for EventLogSettings {
             retention_max_age: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
             retention_max_bytes: 1 << 30,
             retention_interval: HumanDuration(Duration::from_secs(60)),
+            lease: HumanDuration(Duration::from_secs(10)),
         }
     }
 }
@@ -660,7 +711,50 @@ impl Settings {
         if self.database.max_connections == 0 {
             bail!("invalid configuration key `database.max_connections`: must be positive");
         }
+        let bus = &self.bus.url;
+        if !(bus == "embedded" || bus.starts_with("nats://")) {
+            bail!(
+                "invalid configuration key `bus.url`: `{}` is not `embedded` or nats://host:port",
+                flowline_store::redact_url(bus)
+            );
+        }
+        if self.bus.prefix.is_empty()
+            || !self
+                .bus
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!("invalid configuration key `bus.prefix`: letters, digits, `-` or `_`");
+        }
+        if self.bus.max_deliver == 0 {
+            bail!("invalid configuration key `bus.max_deliver`: must be at least 1");
+        }
+        let cache = &self.cache.url;
+        if !(cache == "memory" || cache.starts_with("redis://")) {
+            bail!(
+                "invalid configuration key `cache.url`: `{}` is not `memory` or redis://host:port",
+                flowline_store::redact_url(cache)
+            );
+        }
+        if self.eventlog.lease.0 < Duration::from_millis(300) {
+            bail!(
+                "invalid configuration key `eventlog.lease`: at least 300ms (renewed every third)"
+            );
+        }
         let url = &self.database.url;
+        // Instances share state only through their backends: a node-local
+        // database under a shared bus or cache would split the data.
+        if url.starts_with("sqlite:")
+            && (bus.starts_with("nats://") || cache.starts_with("redis://"))
+        {
+            bail!(
+                "invalid configuration: `database.url` is SQLite (one node's files) but `bus.url`/`cache.url` \
+                 are shared services; several instances would each keep their own orders, users and \
+                 balances while sharing events and sessions. Use database.url = postgres://… with them, \
+                 or keep bus.url = \"embedded\" and cache.url = \"memory\" for one node"
+            );
+        }
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
             || url.starts_with("postgresql://"))
@@ -678,6 +772,8 @@ impl Settings {
         let mut shown = self.clone();
         shown.database.url = flowline_store::redact_url(&shown.database.url);
         shown.notifications.smtp_url = flowline_store::redact_url(&shown.notifications.smtp_url);
+        shown.bus.url = flowline_store::redact_url(&shown.bus.url);
+        shown.cache.url = flowline_store::redact_url(&shown.cache.url);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 
@@ -797,8 +893,42 @@ impl Settings {
             backoff_base: e.backoff_base.0,
             backoff_max: e.backoff_max.0,
             fetch_batch: e.fetch_batch,
+            lease: e.lease.0,
+            // Unique per process: a restarted node is a new owner.
+            owner: format!(
+                "{}-{}",
+                self.server.node_id,
+                &uuid::Uuid::now_v7().simple().to_string()[20..]
+            ),
             ..Default::default()
         }
+    }
+
+    /// The NATS bus, when `bus.url` names one.
+    pub fn nats_config(&self) -> Option<flowline_store::NatsConfig> {
+        if !self.bus.url.starts_with("nats://") {
+            return None;
+        }
+        let mut c = flowline_store::NatsConfig::new(&self.bus.url);
+        c.prefix = self.bus.prefix.clone();
+        c.max_deliver = i64::from(self.bus.max_deliver);
+        c.max_age = self.eventlog.retention_max_age.0;
+        Some(c)
+    }
+
+    /// Opens the event log on the configured database and bus.
+    pub async fn open_log(
+        &self,
+        backend: &flowline_store::Backend,
+    ) -> anyhow::Result<flowline_store::EventLog> {
+        flowline_store::EventLog::open_with(backend, self.log_options(), self.nats_config())
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the event log (bus `{}`)",
+                    flowline_store::redact_url(&self.bus.url)
+                )
+            })
     }
 }
 

@@ -419,6 +419,20 @@ impl NatsBus {
         Ok(out)
     }
 
+    pub(crate) async fn delete_streams(&self) -> Result<usize> {
+        let streams = self.prefixed_streams().await?;
+        for s in &streams {
+            let name = s.cached_info().config.name.clone();
+            self.js
+                .delete_stream(&name)
+                .await
+                .map_err(|e| bus_err("delete stream", e))?;
+        }
+        self.streams.lock().expect("poisoned").clear();
+        self.consumers.lock().expect("poisoned").clear();
+        Ok(streams.len())
+    }
+
     /// Every (group, topic, partition) consumer: (next stream sequence, lag).
     pub(crate) async fn groups(&self) -> Result<Vec<crate::GroupPosition>> {
         let mut out = Vec::new();

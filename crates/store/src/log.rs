@@ -222,6 +222,27 @@ impl EventLog {
         Self::with_bus(db, opts, nats).await
     }
 
+    /// The log's database answers and, in distributed mode, the bus is connected.
+    pub async fn ping(&self) -> Result<()> {
+        self.inner.db.ping().await?;
+        if let Some(bus) = &self.inner.bus {
+            use async_nats::connection::State;
+            if bus.client.connection_state() != State::Connected {
+                return Err(StoreError::Bus("not connected to NATS".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes this log's streams from the bus (a benchmark's or a test's
+    /// scratch prefix). Returns how many went.
+    pub async fn delete_bus_streams(&self) -> Result<usize> {
+        match &self.inner.bus {
+            Some(bus) => bus.delete_streams().await,
+            None => Ok(0),
+        }
+    }
+
     /// `nats` or `embedded`.
     pub fn kind(&self) -> &'static str {
         if self.inner.bus.is_some() {
