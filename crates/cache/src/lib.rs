@@ -4,9 +4,17 @@
 //! Reads are cache-aside through [`Cache::get_or_load`]: concurrent misses for
 //! one key run the loader once and share its result (no stampede). Entries carry
 //! tags derived from their value, so an event about one product can drop every
-//! cached page that contains it ([`Cache::invalidate_tag`]). An L2 (Redis) and
-//! cross-node invalidation come with the distributed mode; invalidation is
-//! already event-driven, so each node drops its own entries.
+//! cached page that contains it ([`Cache::invalidate_tag`]).
+//!
+//! In distributed mode an L2 in Redis ([`Cache::with_l2`]) is shared by every
+//! node: a miss here is often a hit there, so the database sees one load per
+//! key per TTL across the cluster. Invalidation stays event-driven: each node
+//! drops its own L1 entries on the events it consumes, and every invalidation
+//! also bumps the cache's generation in Redis, which every L2 key embeds. A
+//! bump makes all older L2 entries unreachable at once, including one written
+//! late by a load that began before the change, so L2 can never serve a value
+//! older than the last invalidation. (Coarse, but always correct; entries
+//! expire by TTL.)
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +36,7 @@ pub struct CacheMetrics {
     misses: Family<CacheLabels, Counter>,
     loads: Family<CacheLabels, Counter>,
     evictions: Family<CacheLabels, Counter>,
+    l2_hits: Family<CacheLabels, Counter>,
 }
 
 impl CacheMetrics {
@@ -46,6 +55,11 @@ impl CacheMetrics {
             "flowline_cache_loads",
             "Loads run on a miss (concurrent misses share one)",
             self.loads.clone(),
+        );
+        registry.register(
+            "flowline_cache_l2_hits",
+            "L1 misses answered by the shared L2 (Redis)",
+            self.l2_hits.clone(),
         );
         registry.register(
             "flowline_cache_evictions",
@@ -68,6 +82,83 @@ struct Entry<V> {
     tags: Arc<[String]>,
 }
 
+/// A Redis connection (reconnects by itself; cheap to clone).
+pub use redis::aio::ConnectionManager as RedisConnection;
+
+/// Connects to Redis at `url` (`redis://host:port[/db]`).
+pub async fn connect_redis(url: &str) -> redis::RedisResult<RedisConnection> {
+    redis::Client::open(url)?.get_connection_manager().await
+}
+
+/// The shared second level: Redis, and how to (de)serialize `V`.
+struct L2<V> {
+    conn: redis::aio::ConnectionManager,
+    /// `{prefix}cache:{name}`: generation key, and prefix of entry keys.
+    base: String,
+    ttl_ms: u64,
+    encode: fn(&V) -> Option<String>,
+    decode: fn(&str) -> Option<V>,
+}
+
+/// Reads the generation and the entry in one round trip.
+const L2_GET: &str = r"
+local g = redis.call('GET', KEYS[1]) or '0'
+return {g, redis.call('GET', KEYS[1] .. ':' .. g .. ':' .. ARGV[1])}
+";
+
+impl<V> L2<V> {
+    fn gen_key(&self) -> String {
+        format!("{}:gen", self.base)
+    }
+
+    /// (generation, entry) — an unreachable Redis is a miss, never an error.
+    async fn get(&self, key: &str) -> (Option<String>, Option<V>) {
+        let mut c = self.conn.clone();
+        let r: redis::RedisResult<(String, Option<String>)> = redis::Script::new(L2_GET)
+            .key(self.gen_key())
+            .arg(key)
+            .invoke_async(&mut c)
+            .await;
+        match r {
+            Ok((g, v)) => (Some(g), v.and_then(|v| (self.decode)(&v))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cache L2 read failed; loading");
+                (None, None)
+            }
+        }
+    }
+
+    async fn put(&self, generation: &str, key: &str, value: &V) {
+        let Some(v) = (self.encode)(value) else {
+            return;
+        };
+        let mut c = self.conn.clone();
+        let k = format!("{}:{generation}:{key}", self.gen_key());
+        let r: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(k)
+            .arg(v)
+            .arg("PX")
+            .arg(self.ttl_ms)
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cache L2 write failed");
+        }
+    }
+
+    async fn bump(&self) {
+        let mut c = self.conn.clone();
+        let r: redis::RedisResult<i64> = redis::cmd("INCR")
+            .arg(self.gen_key())
+            .query_async(&mut c)
+            .await;
+        if let Err(e) = r {
+            // Entries written before this still expire by TTL.
+            tracing::error!(error = %e, "cache L2 invalidation failed");
+        }
+    }
+}
+
 /// A named, bounded cache of `V` by string key.
 #[derive(Clone)]
 pub struct Cache<V: Clone + Send + Sync + 'static> {
@@ -78,6 +169,25 @@ pub struct Cache<V: Clone + Send + Sync + 'static> {
     tags_of: fn(&V) -> Vec<String>,
     labels: CacheLabels,
     metrics: CacheMetrics,
+    l2: Option<Arc<L2<V>>>,
+    ttl: Duration,
+}
+
+impl<V> Cache<V>
+where
+    V: Clone + Send + Sync + serde::Serialize + serde::de::DeserializeOwned + 'static,
+{
+    /// Adds the shared L2 in Redis under `key_prefix`.
+    pub fn with_l2(mut self, conn: redis::aio::ConnectionManager, key_prefix: &str) -> Self {
+        self.l2 = Some(Arc::new(L2 {
+            conn,
+            base: format!("{key_prefix}cache:{}", self.labels.cache),
+            ttl_ms: self.ttl.as_millis().max(1) as u64,
+            encode: |v| serde_json::to_string(v).ok(),
+            decode: |s| serde_json::from_str(s).ok(),
+        }));
+        self
+    }
 }
 
 impl<V: Clone + Send + Sync + 'static> Cache<V> {
@@ -110,6 +220,8 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
             tags_of,
             labels,
             metrics: metrics.clone(),
+            l2: None,
+            ttl,
         }
     }
 
@@ -131,13 +243,30 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
         let tags_of = self.tags_of;
         let generation = self.generation.clone();
         let before = generation.load(Ordering::SeqCst);
+        let l2 = self.l2.clone();
+        let l2_hits = self.metrics.l2_hits.get_or_create(&self.labels).clone();
         let loaded = self
             .inner
             .try_get_with(key.to_owned(), async move {
+                let mut l2_gen = None;
+                if let Some(l2) = &l2 {
+                    let (g, hit) = l2.get(key).await;
+                    if let Some(value) = hit {
+                        l2_hits.inc();
+                        let tags: Arc<[String]> = tags_of(&value).into();
+                        return Ok(Entry { value, tags });
+                    }
+                    l2_gen = g;
+                }
                 loads.inc();
                 let value = load.await.map_err(Miss::Failed)?;
                 if generation.load(Ordering::SeqCst) != before {
                     return Err(Miss::Overtaken(value));
+                }
+                // Under the generation read before loading: if it moved on
+                // meanwhile, this entry is unreachable.
+                if let (Some(l2), Some(g)) = (&l2, &l2_gen) {
+                    l2.put(g, key, &value).await;
                 }
                 let tags: Arc<[String]> = tags_of(&value).into();
                 Ok(Entry { value, tags })
@@ -155,20 +284,29 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     pub async fn invalidate(&self, key: &str) {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.bump_l2().await;
         self.inner.invalidate(key).await;
     }
 
-    /// Drops every entry tagged `tag`. Takes effect for reads at once.
-    pub fn invalidate_tag(&self, tag: &str) {
+    async fn bump_l2(&self) {
+        if let Some(l2) = &self.l2 {
+            l2.bump().await;
+        }
+    }
+
+    /// Drops every entry tagged `tag` (and, with an L2, every L2 entry).
+    pub async fn invalidate_tag(&self, tag: &str) {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.bump_l2().await;
         let tag = tag.to_owned();
         self.inner
             .invalidate_entries_if(move |_, e| e.tags.contains(&tag))
             .expect("invalidation closures are enabled");
     }
 
-    /// Drops every entry whose key starts with `prefix`.
+    /// Drops every L1 entry whose key starts with `prefix` (for node-local
+    /// caches such as search pages; the L2 is left alone).
     pub fn invalidate_prefix(&self, prefix: &str) {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -257,7 +395,7 @@ mod tests {
             })
         };
         read_done.notified().await;
-        c.invalidate_tag("item:1"); // the write's invalidation, mid-load
+        c.invalidate_tag("item:1").await; // the write's invalidation, mid-load
         invalidated.notify_one();
         assert_eq!(
             loader.await.unwrap(),
@@ -280,7 +418,7 @@ mod tests {
         c.get_or_load("search:b", load(vec![2, 3])).await.unwrap();
         c.get_or_load("search:c", load(vec![4])).await.unwrap();
         c.get_or_load("product:4", load(vec![4])).await.unwrap();
-        c.invalidate_tag("item:2");
+        c.invalidate_tag("item:2").await;
         // Both pages containing item 2 are gone for readers at once.
         assert_eq!(
             c.get_or_load("search:a", load(vec![9])).await.unwrap(),

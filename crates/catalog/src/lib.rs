@@ -284,6 +284,12 @@ fn changed(a: &Product, b: &Product) -> Vec<&'static str> {
 }
 
 impl Catalog {
+    /// Shares cached reads through Redis (distributed mode).
+    pub fn with_l2(mut self, conn: flowline_cache::RedisConnection, key_prefix: &str) -> Self {
+        self.cache = self.cache.with_l2(conn, key_prefix);
+        self
+    }
+
     pub async fn open(
         db: Db,
         relay: Relay,
@@ -328,8 +334,8 @@ impl Catalog {
     }
 
     /// Drops a product's cached reads (called for every `catalog.events` event).
-    pub fn invalidate(&self, id: &str) {
-        self.cache.invalidate_tag(&format!("product:{id}"));
+    pub async fn invalidate(&self, id: &str) {
+        self.cache.invalidate_tag(&format!("product:{id}")).await;
     }
 
     /// The product as stored now: writes compare versions against this, never
@@ -527,7 +533,7 @@ impl Catalog {
         self.emit(&mut tx, ctx, "product.updated", &p, &changes)
             .await?;
         tx.commit().await?;
-        self.invalidate(&p.id);
+        self.invalidate(&p.id).await;
         self.relay.notify();
         Ok(p)
     }
@@ -580,7 +586,7 @@ impl Catalog {
         );
         outbox::enqueue(&mut tx, &ev).await?;
         tx.commit().await?;
-        self.invalidate(id);
+        self.invalidate(id).await;
         self.relay.notify();
         Ok(())
     }

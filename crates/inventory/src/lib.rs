@@ -191,6 +191,12 @@ fn reservation(r: ReservationRow) -> Result<Reservation, StoreError> {
 }
 
 impl Inventory {
+    /// Shares cached reads through Redis (distributed mode).
+    pub fn with_l2(mut self, conn: flowline_cache::RedisConnection, key_prefix: &str) -> Self {
+        self.cache = self.cache.with_l2(conn, key_prefix);
+        self
+    }
+
     pub async fn open(
         db: Db,
         relay: Relay,
@@ -210,8 +216,10 @@ impl Inventory {
 
     /// Drops a product's cached level (this node's writes, and every
     /// `inventory.events` event for other nodes' writes).
-    pub fn invalidate(&self, product_id: &str) {
-        self.cache.invalidate_tag(&format!("product:{product_id}"));
+    pub async fn invalidate(&self, product_id: &str) {
+        self.cache
+            .invalidate_tag(&format!("product:{product_id}"))
+            .await;
     }
 
     /// The level as cached (for display); a product never stocked reads as zero.
@@ -356,7 +364,7 @@ impl Inventory {
             self.stock_changed(&mut tx, ctx, &[product_id]).await?;
         }
         tx.commit().await?;
-        self.after_commit(&[product_id]);
+        self.after_commit(&[product_id]).await;
         Ok(self.level_now(product_id).await?)
     }
 
@@ -476,7 +484,7 @@ impl Inventory {
         let products = product_ids(&r.items);
         self.stock_changed(&mut tx, ctx, &products).await?;
         tx.commit().await?;
-        self.after_commit(&products);
+        self.after_commit(&products).await;
         Ok((r, true))
     }
 
@@ -529,7 +537,7 @@ impl Inventory {
         .await?;
         tx.commit().await?;
         let products = product_ids(&r.items);
-        self.after_commit(&products);
+        self.after_commit(&products).await;
         Ok(r)
     }
 
@@ -645,7 +653,7 @@ impl Inventory {
         let products = product_ids(&r.items);
         self.stock_changed(&mut tx, ctx, &products).await?;
         tx.commit().await?;
-        self.after_commit(&products);
+        self.after_commit(&products).await;
         Ok(r)
     }
 
@@ -706,7 +714,7 @@ impl Inventory {
         let products = product_ids(&r.items);
         self.stock_changed(&mut tx, ctx, &products).await?;
         tx.commit().await?;
-        self.after_commit(&products);
+        self.after_commit(&products).await;
         Ok(Some(r))
     }
 
@@ -807,9 +815,9 @@ impl Inventory {
         Ok(())
     }
 
-    fn after_commit(&self, products: &[&str]) {
+    async fn after_commit(&self, products: &[&str]) {
         for p in products {
-            self.invalidate(p);
+            self.invalidate(p).await;
         }
         self.relay.notify();
     }

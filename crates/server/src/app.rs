@@ -143,6 +143,18 @@ async fn with_sessions(
     Ok(identity.with_session_store(Arc::new(store)))
 }
 
+/// Adds the Redis L2 to a context's cache when there is one.
+fn l2<T>(
+    ctx: T,
+    redis: &Option<(flowline_cache::RedisConnection, String)>,
+    with: fn(T, flowline_cache::RedisConnection, &str) -> T,
+) -> T {
+    match redis {
+        Some((conn, prefix)) => with(ctx, conn.clone(), prefix),
+        None => ctx,
+    }
+}
+
 /// The rate limiter: per process, or cluster-wide in Redis.
 async fn open_limiter(
     settings: &Settings,
@@ -299,6 +311,21 @@ impl App {
             None
         };
 
+        // Distributed mode: one Redis connection for the shared cache level.
+        let redis = match settings.cache.url.starts_with("redis://") {
+            true => Some((
+                flowline_cache::connect_redis(&settings.cache.url)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "connecting to Redis at {}",
+                            flowline_store::redact_url(&settings.cache.url)
+                        )
+                    })?,
+                settings.cache.key_prefix.clone(),
+            )),
+            false => None,
+        };
         let identity_db = Db::open(&backend, "identity").await?;
         let identity_relay = Relay::new(identity_db.clone(), log.clone());
         let identity = Identity::open(
@@ -313,14 +340,16 @@ impl App {
 
         let catalog_db = Db::open(&backend, "catalog").await?;
         let catalog_relay = Relay::new(catalog_db.clone(), log.clone());
-        let catalog = Arc::new(
+        let catalog = Arc::new(l2(
             flowline_catalog::Catalog::open(
                 catalog_db.clone(),
                 catalog_relay.clone(),
                 &cache_metrics,
             )
             .await?,
-        );
+            &redis,
+            flowline_catalog::Catalog::with_l2,
+        ));
         // Every node drops its cached products when the catalog says they changed.
         let mut opts = ConsumerOptions::new(
             format!("cache.catalog.{}", settings.server.node_id),
@@ -348,14 +377,16 @@ impl App {
 
         let inventory_db = Db::open(&backend, "inventory").await?;
         let inventory_relay = Relay::new(inventory_db.clone(), log.clone());
-        let inventory = Arc::new(
+        let inventory = Arc::new(l2(
             flowline_inventory::Inventory::open(
                 inventory_db.clone(),
                 inventory_relay.clone(),
                 &cache_metrics,
             )
             .await?,
-        );
+            &redis,
+            flowline_inventory::Inventory::with_l2,
+        ));
         relays.push(tokio::spawn(inventory_relay.run(relay_rx.clone())));
         databases.push(("inventory", inventory_db));
         // Every node drops its cached stock levels on other nodes' changes.
@@ -709,7 +740,7 @@ struct CatalogCacheInvalidator(Arc<flowline_catalog::Catalog>);
 
 impl Handler for CatalogCacheInvalidator {
     async fn handle(&self, ev: &flowline_core::RecordedEvent) -> Result<(), HandlerError> {
-        self.0.invalidate(&ev.envelope.key);
+        self.0.invalidate(&ev.envelope.key).await;
         Ok(())
     }
 }
@@ -724,7 +755,7 @@ impl Handler for InventoryCacheInvalidator {
             .get("product_id")
             .and_then(|v| v.as_str())
         {
-            self.0.invalidate(id);
+            self.0.invalidate(id).await;
         }
         for item in ev.envelope.payload["items"]
             .as_array()
@@ -732,7 +763,7 @@ impl Handler for InventoryCacheInvalidator {
             .flatten()
         {
             if let Some(id) = item["product_id"].as_str() {
-                self.0.invalidate(id);
+                self.0.invalidate(id).await;
             }
         }
         Ok(())
