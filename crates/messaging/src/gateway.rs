@@ -189,15 +189,21 @@ impl Gateway {
         let Some(mut rx) = self.presence_rx.lock().expect("poisoned").take() else {
             return;
         };
+        if let Err(e) = self.messaging.presence_heartbeat().await {
+            tracing::warn!(error = %e, "presence heartbeat failed");
+        }
         if let Err(e) = self.messaging.presence_reset().await {
             tracing::warn!(error = %e, "could not clear this node's old presence");
         }
+        let mut beat = tokio::time::interval(self.messaging.config().presence_ttl / 3);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 t = rx.recv() => match t {
                     Some((user, up)) => self.apply_presence(&user, up).await,
                     None => break,
                 },
+                _ = beat.tick() => self.presence_beat().await,
                 _ = shutdown.changed() => break,
             }
         }
@@ -218,6 +224,31 @@ impl Gateway {
         }
         if let Err(e) = self.messaging.presence_reset().await {
             tracing::warn!(error = %e, "could not clear this node's presence at shutdown");
+        }
+    }
+
+    /// Renews this node's heartbeat and expires dead nodes' presence. If our
+    /// own heartbeat had lapsed, peers may have swept our users: announce the
+    /// ones still connected here again.
+    async fn presence_beat(&self) {
+        match self.messaging.presence_heartbeat().await {
+            Ok(true) => {
+                let users: Vec<String> = {
+                    let r = self.registry.lock().expect("poisoned");
+                    let mut u: Vec<String> = r.conns.values().map(|c| c.user_id.clone()).collect();
+                    u.sort();
+                    u.dedup();
+                    u
+                };
+                for u in users {
+                    self.apply_presence(&u, true).await;
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+        }
+        if let Err(e) = self.messaging.presence_sweep().await {
+            tracing::warn!(error = %e, "presence sweep failed");
         }
     }
 

@@ -55,13 +55,22 @@ pub const PRESENCE_TOPIC: &str = "messaging.presence";
 /// member.left (key: workspace id).
 pub const WORKSPACES_TOPIC: &str = "messaging.workspaces";
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    scope: "messaging",
-    version: 1,
-    name: "workspaces, channels, messages, channel events, presence, feed",
-    sqlite: include_str!("../migrations/sqlite/0001_messaging.sql"),
-    postgres: include_str!("../migrations/postgres/0001_messaging.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        scope: "messaging",
+        version: 1,
+        name: "workspaces, channels, messages, channel events, presence, feed",
+        sqlite: include_str!("../migrations/sqlite/0001_messaging.sql"),
+        postgres: include_str!("../migrations/postgres/0001_messaging.sql"),
+    },
+    Migration {
+        scope: "messaging",
+        version: 2,
+        name: "presence node heartbeats",
+        sqlite: include_str!("../migrations/sqlite/0002_presence_nodes.sql"),
+        postgres: include_str!("../migrations/postgres/0002_presence_nodes.sql"),
+    },
+];
 
 #[derive(Debug, Clone)]
 pub struct MessagingConfig {
@@ -85,6 +94,9 @@ pub struct MessagingConfig {
     pub idle_timeout: Duration,
     /// How long a `typing` indication lasts on clients.
     pub typing_ttl: Duration,
+    /// A node that has not renewed its presence heartbeat for this long is
+    /// taken for dead: its users go offline (renewed every third of it).
+    pub presence_ttl: Duration,
     /// Comment lines on idle SSE streams.
     pub sse_heartbeat: Duration,
     /// Saga options of the create-workspace saga.
@@ -106,6 +118,7 @@ impl Default for MessagingConfig {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             typing_ttl: Duration::from_secs(5),
+            presence_ttl: Duration::from_secs(15),
             sse_heartbeat: Duration::from_secs(15),
             saga: SagaOptions::default(),
             failpoints: Vec::new(),

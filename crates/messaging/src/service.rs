@@ -1376,12 +1376,17 @@ impl Messaging {
 
     /// The last connection of `user_id` on this node closed.
     pub async fn presence_down(&self, user_id: &str) -> Result<(), StoreError> {
+        self.presence_down_on(&self.cfg.node_id, user_id).await
+    }
+
+    /// `node_id` no longer has `user_id` (this node, or a dead one's sweep).
+    async fn presence_down_on(&self, node_id: &str, user_id: &str) -> Result<(), StoreError> {
         let mut tx = self.db.begin().await?;
         lock_user(&mut tx, user_id).await?;
         let n = on_tx!(&mut tx, |c| sqlx::query(
             "DELETE FROM presence_connections WHERE node_id = $1 AND user_id = $2"
         )
-        .bind(&self.cfg.node_id)
+        .bind(node_id)
         .bind(user_id)
         .execute(c)
         .await
@@ -1442,6 +1447,57 @@ impl Messaging {
             self.presence_down(u).await?;
         }
         Ok(users.len() as u64)
+    }
+
+    /// Renews this node's presence heartbeat. `true` if it had lapsed (or
+    /// never existed): other nodes may have taken this node's users offline,
+    /// so the caller re-announces the users it still has.
+    pub async fn presence_heartbeat(&self) -> Result<bool, StoreError> {
+        let now = Timestamp::now().as_micros();
+        let until = now + self.cfg.presence_ttl.as_micros() as i64;
+        let mut tx = self.db.begin().await?;
+        let before: Option<i64> = on_tx!(&mut tx, |c| sqlx::query_scalar(
+            "SELECT expires_at FROM presence_nodes WHERE node_id = $1"
+        )
+        .bind(&self.cfg.node_id)
+        .fetch_optional(c)
+        .await)
+        .map_err(StoreError::from)?;
+        on_tx!(&mut tx, |c| sqlx::query(
+            "INSERT INTO presence_nodes (node_id, expires_at) VALUES ($1, $2)
+             ON CONFLICT (node_id) DO UPDATE SET expires_at = excluded.expires_at"
+        )
+        .bind(&self.cfg.node_id)
+        .bind(until)
+        .execute(c)
+        .await
+        .map(|_| ()))
+        .map_err(StoreError::from)?;
+        tx.commit().await?;
+        Ok(before.is_none_or(|b| b < now))
+    }
+
+    /// Takes offline the users of nodes whose heartbeat lapsed (they died
+    /// without closing their connections). Returns how many were swept.
+    pub async fn presence_sweep(&self) -> Result<u64, StoreError> {
+        let now = Timestamp::now().as_micros();
+        let stale: Vec<(String, String)> = on_pool!(&self.db, |p| {
+            sqlx::query_as(
+            "SELECT pc.node_id, pc.user_id FROM presence_connections pc
+             WHERE pc.node_id <> $1 AND NOT EXISTS (
+                SELECT 1 FROM presence_nodes n WHERE n.node_id = pc.node_id AND n.expires_at >= $2)"
+        )
+        .bind(&self.cfg.node_id)
+        .bind(now)
+        .fetch_all(p)
+        .await
+        })
+        .map_err(StoreError::from)?;
+        for (node, user) in &stale {
+            tracing::info!(node = %node, user_id = %user, "presence of a lapsed node expired");
+            self.presence_down_on(node, user).await?;
+        }
+        Ok(stale.len() as u64)
     }
 
     /// Online state and last seen of a workspace's members.

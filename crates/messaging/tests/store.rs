@@ -938,6 +938,69 @@ async fn a_user_is_online_while_any_node_has_them() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_users_go_offline_when_its_heartbeat_lapses() {
+    for env in envs().await {
+        let name = env.name;
+        let open = |node: &str| {
+            let cfg = config(|c| {
+                c.node_id = node.to_owned();
+                c.presence_ttl = std::time::Duration::from_millis(300);
+            });
+            let backend = env.backend.clone();
+            let log = env.log.clone();
+            async move {
+                let db = Db::open(&backend, "messaging").await.unwrap();
+                let relay = Relay::new(db.clone(), log);
+                Messaging::open(db, relay, Welcomes::ok(), cfg)
+                    .await
+                    .unwrap()
+            }
+        };
+        let (dead, live) = (open("dies").await, open("lives").await);
+        assert!(
+            dead.presence_heartbeat().await.unwrap(),
+            "{name}: first beat"
+        );
+        assert!(
+            live.presence_heartbeat().await.unwrap(),
+            "{name}: first beat"
+        );
+        dead.presence_up("ana").await.unwrap();
+        live.presence_up("bob").await.unwrap();
+        // While its heartbeat holds, nothing is swept.
+        assert_eq!(live.presence_sweep().await.unwrap(), 0, "{name}");
+        assert!(live.online("ana").await.unwrap(), "{name}");
+        // `dies` stops beating (killed); `lives` keeps beating.
+        for _ in 0..4 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert!(
+                !live.presence_heartbeat().await.unwrap(),
+                "{name}: renewed in time"
+            );
+        }
+        assert_eq!(live.presence_sweep().await.unwrap(), 1, "{name}");
+        assert!(
+            !live.online("ana").await.unwrap(),
+            "{name}: ana went with her node"
+        );
+        assert!(
+            live.online("bob").await.unwrap(),
+            "{name}: a live node's users stay"
+        );
+        let off = outbox_payloads(&env.db, "presence.user_offline").await;
+        assert_eq!(off.len(), 1, "{name}: {off:?}");
+        assert_eq!(off[0]["user_id"], json!("ana"));
+        // The node comes back: its heartbeat had lapsed, so it must re-announce.
+        assert!(dead.presence_heartbeat().await.unwrap(), "{name}: lapsed");
+        assert_eq!(
+            live.presence_sweep().await.unwrap(),
+            0,
+            "{name}: swept once"
+        );
+    }
+}
+
 // Two nodes changing one user's presence at once: each counts the other's
 // rows, so the changes must queue (the user's `last_seen` row lock) or both
 // would announce online, and neither offline.

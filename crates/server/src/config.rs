@@ -48,6 +48,8 @@ pub struct MessagingSettings {
     /// A connection that sends nothing (not even a pong) this long is closed.
     pub idle_timeout: HumanDuration,
     pub typing_ttl: HumanDuration,
+    /// A node silent this long is dead: its users go offline.
+    pub presence_ttl: HumanDuration,
     pub sse_heartbeat: HumanDuration,
     /// Create-workspace steps that fail on purpose, comma-separated (drills).
     pub failpoints: String,
@@ -66,6 +68,7 @@ impl Default for MessagingSettings {
             ping_interval: HumanDuration(d.ping_interval),
             idle_timeout: HumanDuration(d.idle_timeout),
             typing_ttl: HumanDuration(d.typing_ttl),
+            presence_ttl: HumanDuration(d.presence_ttl),
             sse_heartbeat: HumanDuration(d.sse_heartbeat),
             failpoints: String::new(),
         }
@@ -673,8 +676,12 @@ impl Settings {
         if m.ping_interval.0.is_zero() || m.idle_timeout.0 <= m.ping_interval.0 {
             bail!("invalid configuration key `messaging.idle_timeout`: must be longer than `messaging.ping_interval` (a live client answers pings)");
         }
-        if m.auth_timeout.0.is_zero() || m.typing_ttl.0.is_zero() || m.sse_heartbeat.0.is_zero() {
-            bail!("invalid configuration key `messaging.auth_timeout`/`typing_ttl`/`sse_heartbeat`: must be positive");
+        if m.auth_timeout.0.is_zero()
+            || m.typing_ttl.0.is_zero()
+            || m.sse_heartbeat.0.is_zero()
+            || m.presence_ttl.0 < Duration::from_millis(300)
+        {
+            bail!("invalid configuration key `messaging.auth_timeout`/`typing_ttl`/`sse_heartbeat`/`presence_ttl`: positive (presence_ttl at least 300ms)");
         }
         for f in m
             .failpoints
@@ -855,6 +862,7 @@ impl Settings {
             ping_interval: m.ping_interval.0,
             idle_timeout: m.idle_timeout.0,
             typing_ttl: m.typing_ttl.0,
+            presence_ttl: m.presence_ttl.0,
             sse_heartbeat: m.sse_heartbeat.0,
             saga: self.orders_config().saga,
             failpoints: m
