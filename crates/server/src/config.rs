@@ -357,6 +357,9 @@ pub struct BusSettings {
     /// Deliveries of one event (each after a node died holding it) before it
     /// is dead-lettered.
     pub max_deliver: u32,
+    /// Replicas of each stream (a NATS cluster of 3 with 3 replicas survives
+    /// the loss of a server with no acknowledged event lost).
+    pub replicas: u32,
 }
 
 impl Default for BusSettings {
@@ -365,6 +368,7 @@ impl Default for BusSettings {
             url: "embedded".into(),
             prefix: "flowline".into(),
             max_deliver: 10,
+            replicas: 1,
         }
     }
 }
@@ -920,6 +924,7 @@ impl Settings {
         let mut c = flowline_store::NatsConfig::new(&self.bus.url);
         c.prefix = self.bus.prefix.clone();
         c.max_deliver = i64::from(self.bus.max_deliver);
+        c.replicas = self.bus.replicas.clamp(1, 5) as usize;
         c.max_age = self.eventlog.retention_max_age.0;
         Some(c)
     }

@@ -35,6 +35,8 @@ pub struct NatsConfig {
     pub max_age: Duration,
     /// Deliveries of one event (across node crashes) before it is dead-lettered.
     pub max_deliver: i64,
+    /// Stream replicas in a NATS cluster (3: an ack means a quorum has it).
+    pub replicas: usize,
 }
 
 impl NatsConfig {
@@ -44,6 +46,7 @@ impl NatsConfig {
             prefix: "flowline".into(),
             max_age: Duration::ZERO,
             max_deliver: 10,
+            replicas: 1,
         }
     }
 }
@@ -159,6 +162,7 @@ impl NatsBus {
                 storage: stream::StorageType::File,
                 max_age: self.cfg.max_age,
                 duplicate_window: Duration::from_secs(120),
+                num_replicas: self.cfg.replicas.max(1),
                 ..Default::default()
             })
             .await
