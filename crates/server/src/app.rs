@@ -285,6 +285,11 @@ impl App {
             Backend::Postgres { .. } => None,
         };
         let log = settings.open_log(&backend).await?;
+        if lock.is_some() && log.kind() == "embedded" {
+            // Alone under the data-dir lock: a crashed run's partition leases
+            // are free now, not when they lapse.
+            log.release_all_leases().await?;
+        }
         let mut metrics = Metrics::new(log.metrics());
         let cache = Arc::new(ResponseCache::new(100_000));
         cache.register(&mut metrics.registry);

@@ -616,6 +616,25 @@ impl EventLog {
         Ok(won.is_some())
     }
 
+    /// Frees every partition lease and membership. Only for a process that
+    /// knows it is the log's sole user (embedded, under the data-dir lock): a
+    /// crashed run's leases need not lapse before its consumers resume.
+    pub async fn release_all_leases(&self) -> Result<u64> {
+        let n = on_pool!(write & self.inner.db, |p| sqlx::query(
+            "DELETE FROM log_leases"
+        )
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        on_pool!(write & self.inner.db, |p| sqlx::query(
+            "DELETE FROM log_members"
+        )
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(n)
+    }
+
     /// Gives up one unit, or (with `None`) everything `owner` holds in `group`
     /// and its membership.
     pub(crate) async fn lease_release(
