@@ -118,6 +118,9 @@ pub struct NotificationSettings {
     pub max_attempts: u32,
     pub retry_base: HumanDuration,
     pub retry_max: HumanDuration,
+    /// How long a claimed delivery is held before another dispatcher (another
+    /// instance, if this one died) may send it; twice the longest send.
+    pub send_lease: HumanDuration,
 }
 
 /// `smtp://[user[:password]@]host[:port]` (port 25 by default).
@@ -166,6 +169,7 @@ impl Default for NotificationSettings {
             max_attempts: 5,
             retry_base: HumanDuration(Duration::from_secs(1)),
             retry_max: HumanDuration(Duration::from_secs(300)),
+            send_lease: HumanDuration(Duration::from_secs(60)),
         }
     }
 }
@@ -710,6 +714,9 @@ impl Settings {
         if self.notifications.max_attempts == 0 || self.notifications.retry_base.0.is_zero() {
             bail!("invalid configuration key `notifications.max_attempts`/`notifications.retry_base`: must be positive");
         }
+        if self.notifications.send_lease.0 < Duration::from_secs(1) {
+            bail!("invalid configuration key `notifications.send_lease`: at least 1s");
+        }
         if !self.notifications.smtp_url.is_empty() {
             parse_smtp_url(&self.notifications.smtp_url)?;
         }
@@ -834,6 +841,7 @@ impl Settings {
             max_attempts: n.max_attempts,
             backoff_base: n.retry_base.0,
             backoff_max: n.retry_max.0.max(n.retry_base.0),
+            lease: n.send_lease.0,
             ..Default::default()
         })
     }

@@ -374,17 +374,26 @@ impl NatsBus {
         consumer: &PullConsumer,
         max: usize,
     ) -> Result<Vec<jetstream::Message>> {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(max)
-            .messages()
+        // Bounded twice: the server ends the pull after `expires`, and if the
+        // connection drops mid-pull (a NATS restart) that end never arrives,
+        // so we give up ourselves and pull again once reconnected.
+        let pull = async {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(max)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .map_err(|e| bus_err("fetch", e))?;
+            let mut out = Vec::new();
+            while let Some(m) = batch.next().await {
+                out.push(m.map_err(|e| bus_err("fetch", e))?);
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(Duration::from_secs(5), pull)
             .await
-            .map_err(|e| bus_err("fetch", e))?;
-        let mut out = Vec::new();
-        while let Some(m) = batch.next().await {
-            out.push(m.map_err(|e| bus_err("fetch", e))?);
-        }
-        Ok(out)
+            .map_err(|_| StoreError::Bus("fetch: no answer within 5s (reconnecting?)".into()))?
     }
 
     /// Decodes a delivered message; also returns how often it was delivered.

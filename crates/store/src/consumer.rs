@@ -291,8 +291,17 @@ impl<H: Handler> Worker<H> {
             let msgs = match bus.fetch(&consumer, batch).await {
                 Ok(m) => m,
                 Err(e) => {
-                    // A replay may have replaced the consumer.
+                    // A replay may have replaced the consumer; or the pull was
+                    // cut (NATS restarted) after the server had delivered
+                    // part of it: those stay pending until `ack_wait`, so
+                    // rewind to the ack floor now to keep order.
                     bus.forget(&group, &topic, partition);
+                    if let Err(e) = bus
+                        .take_over(&group, &topic, partition, self.opts.start)
+                        .await
+                    {
+                        tracing::warn!(group = %group, error = %e, "rewind after a failed fetch failed");
+                    }
                     return Err(e);
                 }
             };
@@ -347,15 +356,22 @@ impl<H: Handler> Worker<H> {
                     .await?;
                 return Ok(progressed);
             }
-            for m in done {
-                if let Err(e) = m.ack().await {
-                    tracing::warn!(group = %group, error = %e, "ack failed; the event will be redelivered");
-                }
-            }
             // The acks are applied before the lease can change hands, so a
-            // new owner does not rewind over them.
-            if let Err(e) = bus.client.flush().await {
-                tracing::warn!(group = %group, error = %e, "ack flush failed");
+            // new owner does not rewind over them (hence the flush).
+            let acked = tokio::time::timeout(Duration::from_secs(10), async {
+                for m in done {
+                    m.ack().await.map_err(|e| e.to_string())?;
+                }
+                bus.client.flush().await.map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer within 10s".into()));
+            if let Err(e) = acked {
+                // Handled but maybe unacknowledged: rewind so the rest of the
+                // partition does not overtake them (redelivery is a no-op).
+                tracing::warn!(group = %group, error = %e, "acks failed; rewinding the partition");
+                bus.take_over(&group, &topic, partition, self.opts.start)
+                    .await?;
             }
         }
         Ok(progressed)
