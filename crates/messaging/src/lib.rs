@@ -26,13 +26,14 @@ pub mod model;
 pub mod routes;
 pub mod saga;
 mod service;
+mod typing;
 
 pub use consumers::{Directory, FeedWriter, DIRECTORY_GROUP, FEED_GROUP, FEED_TOPICS};
 pub use gateway::{Fanout, Gateway, TokenCheck, FANOUT_TOPICS};
 pub use metrics::GatewayMetrics;
 pub use model::*;
 pub use saga::{WelcomeSender, WORKSPACE_SAGA};
-pub use service::{Access, FeedEntry, MessagePage, NewMessage, Presence, MAX_PAGE};
+pub use service::{Access, FeedEntry, MessagePage, NewMessage, Presence, Typing, MAX_PAGE};
 
 use flowline_saga::{Orchestrator, SagaOptions};
 use flowline_store::outbox::{self, Relay};
@@ -134,6 +135,8 @@ pub struct Messaging {
     orchestrator: Arc<Orchestrator>,
     /// Ticks when the feed gains rows (SSE streams on this node wait on it).
     feed_added: watch::Sender<u64>,
+    /// Who is typing: in memory, or in Redis once [`Messaging::share_typing`] ran.
+    typing: std::sync::OnceLock<typing::Board>,
 }
 
 impl Messaging {
@@ -155,7 +158,22 @@ impl Messaging {
             cfg,
             orchestrator,
             feed_added: watch::channel(0).0,
+            typing: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Keeps the typing board in Redis (distributed mode), so every instance
+    /// sees who is typing. Call before serving; later calls change nothing.
+    pub fn share_typing(&self, conn: redis::aio::ConnectionManager, key_prefix: &str) {
+        let _ = self.typing.set(typing::Board::Redis {
+            conn,
+            prefix: key_prefix.to_owned(),
+        });
+    }
+
+    fn typing_board(&self) -> &typing::Board {
+        self.typing
+            .get_or_init(|| typing::Board::Memory(Default::default()))
     }
 
     pub fn config(&self) -> &MessagingConfig {

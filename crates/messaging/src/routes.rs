@@ -38,6 +38,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(gw: Arc<Gateway>) -> (Router<S>,
         .route("/channels/{id}/leave", post(leave))
         .route("/channels/{id}/members", post(invite))
         .route("/channels/{id}/read", post(mark_read))
+        .route("/channels/{id}/typing", get(typing_now).post(typing))
         .route("/channels/{id}/messages", get(history).post(post_message))
         .route(
             "/messages/{id}",
@@ -180,6 +181,41 @@ pub async fn presence(
     Ok(Json(PresenceList {
         items: m.presence(&id, &who.user_id).await?,
     }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TypingList {
+    pub items: Vec<crate::Typing>,
+}
+
+#[utoipa::path(get, path = "/api/v1/channels/{id}/typing", tag = "messaging", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Channel id")),
+    responses((status = 200, description = "Who is typing in the channel now (the same on every instance)", body = TypingList),
+        (status = 403, description = "A private channel you are not in", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such channel of yours", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn typing_now(
+    State(m): State<Arc<Messaging>>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<TypingList>, ApiError> {
+    Ok(Json(TypingList {
+        items: m.typing_now(&id, &who.user_id).await?,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/channels/{id}/typing", tag = "messaging", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Channel id")),
+    responses((status = 204, description = "The caller is typing for `messaging.typing_ttl`; members get a `typing` frame"),
+        (status = 403, description = "Not a member of the channel", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 404, description = "No such channel of yours", body = ProblemDoc, content_type = "application/problem+json")))]
+pub async fn typing(
+    State(m): State<Arc<Messaging>>,
+    who: Principal,
+    Extension(ctx): Extension<RequestContext>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    m.typing(&ctx, &who.user_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -557,6 +593,8 @@ pub async fn events(
     leave,
     invite,
     mark_read,
+    typing_now,
+    typing,
     history,
     post_message,
     get_message,

@@ -77,6 +77,14 @@ impl Access {
     }
 }
 
+/// Someone typing in a channel.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Typing {
+    pub user_id: String,
+    /// When the indication lapses unless renewed.
+    pub until: String,
+}
+
 /// `POST` body of a message, from REST or the socket.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -1547,6 +1555,9 @@ impl Messaging {
         channel_id: &str,
     ) -> Result<(), ApiError> {
         let a = self.access(channel_id, user_id).await?.require_post()?;
+        self.typing_board()
+            .mark(channel_id, user_id, self.cfg.typing_ttl)
+            .await?;
         let mut tx = self.db.begin().await?;
         enqueue(
             &mut tx,
@@ -1562,6 +1573,25 @@ impl Messaging {
         tx.commit().await?;
         self.relay.notify();
         Ok(())
+    }
+
+    /// Who is typing in a channel the caller can read, until when.
+    pub async fn typing_now(
+        &self,
+        channel_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<Typing>, ApiError> {
+        self.access(channel_id, user_id).await?.require_read()?;
+        Ok(self
+            .typing_board()
+            .who(channel_id)
+            .await?
+            .into_iter()
+            .map(|(user_id, exp_ms)| Typing {
+                user_id,
+                until: rfc(exp_ms * 1000),
+            })
+            .collect())
     }
 
     // ------------------------------------------------------------------ feed

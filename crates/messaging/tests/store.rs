@@ -1063,3 +1063,65 @@ async fn simultaneous_transitions_on_two_nodes_announce_once_each() {
         assert_eq!(per_user, expected, "{name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_is_typing_lapses_and_is_the_same_on_every_node_with_redis() {
+    let redis_url = std::env::var("FLOWLINE_TEST_REDIS_URL").ok();
+    for env in envs().await {
+        let name = env.name;
+        let ttl = |c: &mut MessagingConfig| c.typing_ttl = std::time::Duration::from_millis(400);
+        let node_a = env.node(config(ttl), Welcomes::ok()).await;
+        let a = node_a.m.clone();
+        let users = ["ana", "bob", "eve"];
+        register(&a, &users).await;
+        let (_, general) = workspace(&a, "ana", &["bob"]).await;
+        // Two nodes on one database; with Redis they share the typing board.
+        let node_b = env.node(config(ttl), Welcomes::ok()).await;
+        let b = node_b.m.clone();
+        let prefix = format!("t{}:", uuid::Uuid::now_v7().simple());
+        if let Some(url) = &redis_url {
+            let conn = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection_manager()
+                .await
+                .expect("FLOWLINE_TEST_REDIS_URL unreachable");
+            a.share_typing(conn.clone(), &prefix);
+            b.share_typing(conn, &prefix);
+        }
+        a.typing(&ctx(), "bob", &general).await.unwrap();
+        let now = a.typing_now(&general, "ana").await.unwrap();
+        assert_eq!(now.len(), 1, "{name}: {now:?}");
+        assert_eq!(now[0].user_id, "bob");
+        if redis_url.is_some() {
+            let there = b.typing_now(&general, "ana").await.unwrap();
+            assert_eq!(
+                there.len(),
+                1,
+                "{name}: node B sees A's typing through Redis"
+            );
+        }
+        // An outsider can neither type nor look.
+        assert_eq!(
+            refusal(a.typing(&ctx(), "eve", &general).await).0,
+            404,
+            "{name}"
+        );
+        assert_eq!(
+            refusal(a.typing_now(&general, "eve").await).0,
+            404,
+            "{name}"
+        );
+        // The indication lapses by itself.
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        assert!(
+            a.typing_now(&general, "ana").await.unwrap().is_empty(),
+            "{name}"
+        );
+        assert!(
+            b.typing_now(&general, "ana").await.unwrap().is_empty(),
+            "{name}"
+        );
+        node_a.stop().await;
+        node_b.stop().await;
+    }
+}

@@ -560,6 +560,9 @@ impl App {
             settings.messaging_config(),
         )
         .await?;
+        if let Some((conn, prefix)) = &redis {
+            messaging.share_typing(conn.clone(), prefix);
+        }
         messaging
             .orchestrator()
             .metrics()

@@ -624,6 +624,8 @@ fn openapi_document_covers_every_route_and_the_docs_page_is_served() {
         ("post", "/api/v1/channels/{id}/leave"),
         ("post", "/api/v1/channels/{id}/members"),
         ("post", "/api/v1/channels/{id}/read"),
+        ("get", "/api/v1/channels/{id}/typing"),
+        ("post", "/api/v1/channels/{id}/typing"),
         ("get", "/api/v1/channels/{id}/messages"),
         ("post", "/api/v1/channels/{id}/messages"),
         ("get", "/api/v1/messages/{id}"),
