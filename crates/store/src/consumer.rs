@@ -275,20 +275,22 @@ impl<H: Handler> Worker<H> {
         let batch = self.log.options().fetch_batch.clamp(1, 10_000) as usize;
         let max_deliver = bus.cfg.max_deliver;
         let group = self.opts.group.clone();
-        let mut progressed = false;
+        let start = self.opts.start;
+        // Pull every owned partition at once (one round trip for all), then
+        // handle them one after another, each in order.
         let units: Vec<_> = self.leases.owned.iter().cloned().collect();
-        for (topic, partition) in units {
-            if self.stopping() {
-                break;
+        let fetched = futures_util::future::join_all(units.iter().map(|(topic, partition)| {
+            let group = &group;
+            async move {
+                let consumer = bus.consumer(group, topic, *partition, start).await?;
+                bus.fetch(&consumer, batch).await
             }
-            self.refresh_leases().await?;
-            if !self.leases.owned.contains(&(topic.clone(), partition)) {
-                continue;
-            }
-            let consumer = bus
-                .consumer(&group, &topic, partition, self.opts.start)
-                .await?;
-            let msgs = match bus.fetch(&consumer, batch).await {
+        }))
+        .await;
+        let mut failed = None;
+        let mut handled: Vec<((String, i32), Vec<async_nats::jetstream::Message>)> = Vec::new();
+        for ((topic, partition), msgs) in units.into_iter().zip(fetched) {
+            let msgs = match msgs {
                 Ok(m) => m,
                 Err(e) => {
                     // A replay may have replaced the consumer; or the pull was
@@ -296,13 +298,11 @@ impl<H: Handler> Worker<H> {
                     // part of it: those stay pending until `ack_wait`, so
                     // rewind to the ack floor now to keep order.
                     bus.forget(&group, &topic, partition);
-                    if let Err(e) = bus
-                        .take_over(&group, &topic, partition, self.opts.start)
-                        .await
-                    {
+                    if let Err(e) = bus.take_over(&group, &topic, partition, start).await {
                         tracing::warn!(group = %group, error = %e, "rewind after a failed fetch failed");
                     }
-                    return Err(e);
+                    failed = Some(e);
+                    continue;
                 }
             };
             if msgs.is_empty() {
@@ -311,8 +311,10 @@ impl<H: Handler> Worker<H> {
             let labels = LogMetrics::group(&group, &topic);
             let mut done = Vec::with_capacity(msgs.len());
             let mut delivered = 0;
+            let mut stopped = false;
             for m in msgs {
                 if self.stopping() {
+                    stopped = true;
                     break;
                 }
                 let (ev, deliveries) = match crate::bus::NatsBus::decode(&m, partition) {
@@ -337,7 +339,10 @@ impl<H: Handler> Worker<H> {
                         done.push(m);
                     }
                     Outcome::DeadLettered => done.push(m),
-                    Outcome::Stopped => break,
+                    Outcome::Stopped => {
+                        stopped = true;
+                        break;
+                    }
                 }
             }
             self.log
@@ -345,36 +350,51 @@ impl<H: Handler> Worker<H> {
                 .delivered
                 .get_or_create(&labels)
                 .inc_by(delivered);
-            if done.is_empty() {
-                continue;
+            if !done.is_empty() {
+                handled.push(((topic, partition), done));
             }
-            progressed = true;
-            if let Err(e) = self.handler.flush().await {
-                // Unacknowledged: the next owner of this partition gets them again.
-                tracing::warn!(group = %group, error = %e.message, "handler flush failed");
-                bus.take_over(&group, &topic, partition, self.opts.start)
-                    .await?;
-                return Ok(progressed);
-            }
-            // The acks are applied before the lease can change hands, so a
-            // new owner does not rewind over them (hence the flush).
-            let acked = tokio::time::timeout(Duration::from_secs(10), async {
-                for m in done {
-                    m.ack().await.map_err(|e| e.to_string())?;
-                }
-                bus.client.flush().await.map_err(|e| e.to_string())
-            })
-            .await
-            .unwrap_or_else(|_| Err("no answer within 10s".into()));
-            if let Err(e) = acked {
-                // Handled but maybe unacknowledged: rewind so the rest of the
-                // partition does not overtake them (redelivery is a no-op).
-                tracing::warn!(group = %group, error = %e, "acks failed; rewinding the partition");
-                bus.take_over(&group, &topic, partition, self.opts.start)
-                    .await?;
+            if stopped {
+                break;
             }
         }
-        Ok(progressed)
+        if handled.is_empty() {
+            return failed.map_or(Ok(false), Err);
+        }
+        let rewind = |handled: &Vec<((String, i32), Vec<async_nats::jetstream::Message>)>| {
+            let units: Vec<(String, i32)> = handled.iter().map(|(u, _)| u.clone()).collect();
+            let group = group.clone();
+            async move {
+                for (topic, partition) in units {
+                    bus.take_over(&group, &topic, partition, start).await?;
+                }
+                Ok::<(), crate::StoreError>(())
+            }
+        };
+        if let Err(e) = self.handler.flush().await {
+            // Unacknowledged: rewind, and they come again.
+            tracing::warn!(group = %group, error = %e.message, "handler flush failed");
+            rewind(&handled).await?;
+            return Ok(true);
+        }
+        // The acks are applied before the lease can change hands, so a new
+        // owner does not rewind over them (hence the flush).
+        let acked = tokio::time::timeout(Duration::from_secs(10), async {
+            for (_, msgs) in &handled {
+                for m in msgs {
+                    m.ack().await.map_err(|e| e.to_string())?;
+                }
+            }
+            bus.client.flush().await.map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err("no answer within 10s".into()));
+        if let Err(e) = acked {
+            // Handled but maybe unacknowledged: rewind so the rest of each
+            // partition does not overtake them (redelivery is a no-op).
+            tracing::warn!(group = %group, error = %e, "acks failed; rewinding");
+            rewind(&handled).await?;
+        }
+        failed.map_or(Ok(true), Err)
     }
 
     fn stopping(&self) -> bool {

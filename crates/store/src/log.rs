@@ -541,32 +541,33 @@ impl EventLog {
     pub(crate) async fn lease_heartbeat(&self, group: &str, owner: &str) -> Result<i64> {
         let now = Timestamp::now().as_micros();
         let until = now + self.inner.opts.lease.as_micros() as i64;
-        let mut tx = self.inner.db.begin().await?;
-        on_tx!(&mut tx, |c| sqlx::query(
+        // Plain statements, no transaction: nothing here needs one, and a
+        // worker cancelled mid-way (an aborted task) leaves no transaction
+        // open on the writer connection.
+        on_pool!(write & self.inner.db, |p| sqlx::query(
             "INSERT INTO log_members (group_name, owner, expires_at) VALUES ($1, $2, $3)
              ON CONFLICT (group_name, owner) DO UPDATE SET expires_at = excluded.expires_at"
         )
         .bind(group)
         .bind(owner)
         .bind(until)
-        .execute(c)
+        .execute(p)
         .await
         .map(|r| r.rows_affected()))?;
-        on_tx!(&mut tx, |c| sqlx::query(
+        on_pool!(write & self.inner.db, |p| sqlx::query(
             "DELETE FROM log_members WHERE group_name = $1 AND expires_at < $2"
         )
         .bind(group)
         .bind(now)
-        .execute(c)
+        .execute(p)
         .await
         .map(|r| r.rows_affected()))?;
-        let n: i64 = on_tx!(&mut tx, |c| sqlx::query_scalar(
+        let n: i64 = on_pool!(&self.inner.db, |p| sqlx::query_scalar(
             "SELECT count(*) FROM log_members WHERE group_name = $1"
         )
         .bind(group)
-        .fetch_one(c)
+        .fetch_one(p)
         .await)?;
-        tx.commit().await?;
         Ok(n)
     }
 
