@@ -681,6 +681,7 @@ fn openapi_document_covers_every_route_and_the_docs_page_is_served() {
                 "/api/v1/admin/notifications/deliveries/{id}/retry",
                 "/api/v1/channels/{id}/join",
                 "/api/v1/channels/{id}/leave",
+                "/api/v1/channels/{id}/typing",
                 "/api/v1/messages/{id}/reactions/{emoji}",
             ];
             assert!(

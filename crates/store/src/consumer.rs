@@ -258,17 +258,30 @@ impl<H: Handler> Worker<H> {
 
     async fn refresh_leases(&mut self) -> Result<()> {
         let acquired = self.leases.refresh(&self.log, &self.opts.group).await?;
+        let mut failed = None;
         if let Some(bus) = self.log.bus() {
-            for (topic, p) in acquired {
-                bus.take_over(&self.opts.group, &topic, p, self.opts.start)
-                    .await?;
+            for unit in acquired {
+                let (topic, p) = (&unit.0, unit.1);
+                if let Err(e) = bus
+                    .take_over(&self.opts.group, topic, p, self.opts.start)
+                    .await
+                {
+                    // Not rewound, so not ours to read yet: give it back and
+                    // claim it again (and rewind) at the next renewal.
+                    self.leases.owned.remove(&unit);
+                    let owner = self.log.options().owner.clone();
+                    self.log
+                        .lease_release(&self.opts.group, &owner, Some(&unit))
+                        .await?;
+                    failed = Some(e);
+                }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
-    /// The bus flavour of [`Self::pass`]: one fetch per owned partition,
-    /// handled in order; acknowledged after the handler's flush.
+    /// The bus flavour of [`Self::pass`]: every owned partition pulled at
+    /// once, each handled in order; acknowledged after the handler's flush.
     async fn pass_bus(&mut self) -> Result<bool> {
         let log = self.log.clone();
         let bus = log.bus().expect("bus pass without a bus");
