@@ -94,6 +94,19 @@ impl Node {
 }
 
 impl Env {
+    /// Another node `name`: its own pool on the same database.
+    async fn peer(&self, name: &str, tweak: impl FnOnce(&mut MessagingConfig)) -> Arc<Messaging> {
+        let db = Db::open(&self.backend, "messaging").await.unwrap();
+        let relay = Relay::new(db.clone(), self.log.clone());
+        let cfg = config(|c| {
+            c.node_id = name.to_owned();
+            tweak(c)
+        });
+        Messaging::open(db, relay, Welcomes::ok(), cfg)
+            .await
+            .unwrap()
+    }
+
     async fn node(&self, cfg: MessagingConfig, welcome: Arc<Welcomes>) -> Node {
         let m = Messaging::open(self.db.clone(), self.relay.clone(), welcome, cfg)
             .await
@@ -882,20 +895,10 @@ async fn a_failed_welcome_does_not_fail_the_workspace() {
 async fn a_user_is_online_while_any_node_has_them() {
     for env in envs().await {
         let name = env.name;
-        let open = |node: &str| {
-            let cfg = config(|c| c.node_id = node.to_owned());
-            let backend = env.backend.clone();
-            let log = env.log.clone();
-            async move {
-                // Another node: its own pool on the same database.
-                let db = Db::open(&backend, "messaging").await.unwrap();
-                let relay = Relay::new(db.clone(), log);
-                Messaging::open(db, relay, Welcomes::ok(), cfg)
-                    .await
-                    .unwrap()
-            }
-        };
-        let (n1, n2) = (open("node-1").await, open("node-2").await);
+        let (n1, n2) = (
+            env.peer("node-1", |_| {}).await,
+            env.peer("node-2", |_| {}).await,
+        );
         let online = || outbox_count(&env.db, "presence.user_online");
         let offline = || outbox_count(&env.db, "presence.user_offline");
 
@@ -942,22 +945,8 @@ async fn a_user_is_online_while_any_node_has_them() {
 async fn a_dead_nodes_users_go_offline_when_its_heartbeat_lapses() {
     for env in envs().await {
         let name = env.name;
-        let open = |node: &str| {
-            let cfg = config(|c| {
-                c.node_id = node.to_owned();
-                c.presence_ttl = std::time::Duration::from_millis(300);
-            });
-            let backend = env.backend.clone();
-            let log = env.log.clone();
-            async move {
-                let db = Db::open(&backend, "messaging").await.unwrap();
-                let relay = Relay::new(db.clone(), log);
-                Messaging::open(db, relay, Welcomes::ok(), cfg)
-                    .await
-                    .unwrap()
-            }
-        };
-        let (dead, live) = (open("dies").await, open("lives").await);
+        let ttl = |c: &mut MessagingConfig| c.presence_ttl = std::time::Duration::from_millis(300);
+        let (dead, live) = (env.peer("dies", ttl).await, env.peer("lives", ttl).await);
         assert!(
             dead.presence_heartbeat().await.unwrap(),
             "{name}: first beat"
@@ -1010,14 +999,7 @@ async fn simultaneous_transitions_on_two_nodes_announce_once_each() {
         let name = env.name;
         let mut nodes = Vec::new();
         for node in ["node-1", "node-2"] {
-            let db = Db::open(&env.backend, "messaging").await.unwrap();
-            let relay = Relay::new(db.clone(), env.log.clone());
-            let cfg = config(|c| c.node_id = node.to_owned());
-            nodes.push(
-                Messaging::open(db, relay, Welcomes::ok(), cfg)
-                    .await
-                    .unwrap(),
-            );
+            nodes.push(env.peer(node, |_| {}).await);
         }
         let users: Vec<String> = (0..20).map(|i| format!("user-{i}")).collect();
         for up in [true, false] {
