@@ -58,6 +58,10 @@ pub struct Envelope {
     pub causation_id: Option<String>,
     pub schema_version: i32,
     pub payload: serde_json::Value,
+    /// W3C trace context of the span that published it, so the consumer's
+    /// handling continues the same trace. Filled by the outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Envelope {
@@ -73,6 +77,7 @@ impl Envelope {
             causation_id: causation_id.map(str::to_owned),
             schema_version: draft.schema_version,
             payload: draft.payload,
+            traceparent: None,
         }
     }
 

@@ -19,6 +19,8 @@ use axum::Json;
 use flowline_core::{ErrorCode, Problem};
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// The W3C trace id of the request's trace (`flowline flows TRACE_ID`).
+pub const TRACE_ID: &str = "x-trace-id";
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// Per-request context: who asked, for correlating logs and events.

@@ -22,6 +22,8 @@ pub struct SagaSummary {
     pub next_attempt_at: Timestamp,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// The trace the saga belongs to (`flowline flows TRACE_ID`).
+    pub trace_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,15 +67,16 @@ type FlatRow = (
     Option<String>,
     i64,
     i64,
+    Option<String>,
     i64,
     i64,
 );
 
 fn unflatten(r: FlatRow) -> SummaryRow {
     (
-        (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10),
-        r.11,
+        (r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11),
         r.12,
+        r.13,
     )
 }
 type StepRow = (
@@ -146,6 +149,11 @@ impl Orchestrator {
                 next_attempt_at: Timestamp::from_micros(inst.next_at),
                 created_at: Timestamp::from_micros(created),
                 updated_at: Timestamp::from_micros(updated),
+                trace_id: inst
+                    .traceparent
+                    .as_deref()
+                    .and_then(flowline_telemetry::TraceContext::parse)
+                    .map(|c| c.trace_hex()),
             },
             inst,
         ))

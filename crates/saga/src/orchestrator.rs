@@ -11,17 +11,27 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// Topic of the saga lifecycle events; the key is the saga id.
 pub const TOPIC: &str = "saga.events";
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    scope: "saga",
-    version: 1,
-    name: "saga instances and timeline",
-    sqlite: include_str!("../migrations/sqlite/0001_saga.sql"),
-    postgres: include_str!("../migrations/postgres/0001_saga.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        scope: "saga",
+        version: 1,
+        name: "saga instances and timeline",
+        sqlite: include_str!("../migrations/sqlite/0001_saga.sql"),
+        postgres: include_str!("../migrations/postgres/0001_saga.sql"),
+    },
+    Migration {
+        scope: "saga",
+        version: 2,
+        name: "traceparent",
+        sqlite: include_str!("../migrations/sqlite/0002_traceparent.sql"),
+        postgres: include_str!("../migrations/postgres/0002_traceparent.sql"),
+    },
+];
 
 #[derive(Debug, Clone)]
 pub struct SagaOptions {
@@ -61,7 +71,7 @@ pub struct Orchestrator {
 }
 
 pub(crate) const COLUMNS: &str = "id, name, status, data, results, step_index, attempt, \
-    next_attempt_at, failure, stuck, version";
+    next_attempt_at, failure, stuck, version, traceparent";
 
 pub(crate) type InstRow = (
     String,
@@ -75,6 +85,7 @@ pub(crate) type InstRow = (
     Option<String>,
     i64,
     i64,
+    Option<String>,
 );
 
 /// An instance as a runner holds it.
@@ -94,6 +105,8 @@ pub(crate) struct Inst {
     pub failure: Option<String>,
     pub stuck: bool,
     pub version: i64,
+    /// The trace of whatever started the saga: every step continues it.
+    pub traceparent: Option<String>,
 }
 
 pub(crate) fn status_of(s: &str) -> Result<SagaStatus, StoreError> {
@@ -114,6 +127,7 @@ impl Inst {
             failure: r.8,
             stuck: r.9 != 0,
             version: r.10,
+            traceparent: r.11,
         })
     }
 }
@@ -225,14 +239,16 @@ impl Orchestrator {
         let data = serde_json::to_string(&data)?;
         let n = on_tx!(tx, |c| sqlx::query(
             "INSERT INTO saga_instances (id, name, status, data, results, step_index, attempt,
-                next_attempt_at, locked_until, failure, stuck, version, created_at, updated_at)
-             VALUES ($1, $2, 'RUNNING', $3, '{}', 0, 0, $4, NULL, NULL, 0, 0, $4, $4)
+                next_attempt_at, locked_until, failure, stuck, version, created_at, updated_at,
+                traceparent)
+             VALUES ($1, $2, 'RUNNING', $3, '{}', 0, 0, $4, NULL, NULL, 0, 0, $4, $4, $5)
              ON CONFLICT (id) DO NOTHING"
         )
         .bind(saga_id)
         .bind(name)
         .bind(&data)
         .bind(now)
+        .bind(flowline_telemetry::current_traceparent())
         .execute(c)
         .await
         .map(|r| r.rows_affected()))?;
@@ -387,9 +403,14 @@ impl Orchestrator {
             return;
         }
         loop {
+            // Each step is a span of the trace that started the saga.
+            let span = tracing::info_span!("saga.step", saga = %inst.name, saga_id = %inst.id,
+                phase = tracing::field::Empty, step = tracing::field::Empty,
+                attempt = tracing::field::Empty, status = tracing::field::Empty,
+                traceparent = inst.traceparent.as_deref());
             let step = match inst.status {
-                SagaStatus::Running => self.step_forward(&def, &mut inst).await,
-                SagaStatus::Compensating => self.step_back(&def, &mut inst).await,
+                SagaStatus::Running => self.step_forward(&def, &mut inst).instrument(span).await,
+                SagaStatus::Compensating => self.step_back(&def, &mut inst).instrument(span).await,
                 _ => return,
             };
             match step {
@@ -438,9 +459,14 @@ impl Orchestrator {
             data: inst.data.clone(),
             results: inst.results.clone(),
         };
+        let span = tracing::Span::current();
+        span.record("phase", "do");
+        span.record("step", step.name.as_str());
+        span.record("attempt", attempt);
         let started = now_us();
         let res = guarded(step.timeout, step.action.call(ctx)).await;
         let finished = now_us();
+        span.record("status", outcome_of(&res));
         let mut record = Record {
             step: &step.name,
             phase: "do",
@@ -579,9 +605,14 @@ impl Orchestrator {
             data: inst.data.clone(),
             results: inst.results.clone(),
         };
+        let span = tracing::Span::current();
+        span.record("phase", "undo");
+        span.record("step", step.name.as_str());
+        span.record("attempt", attempt);
         let started = now_us();
         let res = guarded(step.timeout, undo.call(ctx)).await;
         let finished = now_us();
+        span.record("status", outcome_of(&res));
         let mut record = Record {
             step: &step.name,
             phase: "undo",
@@ -823,11 +854,21 @@ async fn insert_record(tx: &mut Tx, saga_id: &str, r: &Record<'_>) -> Result<(),
 /// Runs a step's future on its own task under `timeout`: a panic becomes a
 /// retryable failure (counted like any other, so it cannot loop unseen), and
 /// a step past its timeout is aborted rather than left running.
+/// `ok`, `failed` or `timeout`, for the step's span.
+fn outcome_of(res: &Result<Result<Value, StepError>, tokio::time::error::Elapsed>) -> &'static str {
+    match res {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(_)) => "failed",
+        Err(_) => "timeout",
+    }
+}
+
 async fn guarded(
     timeout: Duration,
     fut: BoxFuture<'static, Result<Value, StepError>>,
 ) -> Result<Result<Value, StepError>, tokio::time::error::Elapsed> {
-    let mut task = tokio::spawn(fut);
+    // The step's own task stays in the step's span (and so in its trace).
+    let mut task = tokio::spawn(fut.in_current_span());
     match tokio::time::timeout(timeout, &mut task).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Ok(Err(StepError::retryable(format!("step failed: {e}")))),

@@ -38,6 +38,12 @@ pub struct AppState {
     pub notifications: Arc<flowline_notifications::Notifications>,
     pub messaging: Arc<flowline_messaging::Messaging>,
     pub gateway: Arc<flowline_messaging::Gateway>,
+    /// The local trace store (`telemetry.traces`).
+    pub traces: Option<crate::traces::TraceStore>,
+    /// Request latency samples on their way to `gateway.requests`.
+    pub samples: Arc<crate::traces::RequestSamples>,
+    pub audit: Arc<flowline_audit::Audit>,
+    pub analytics: Arc<flowline_analytics::Analytics>,
 }
 
 impl AppState {
@@ -109,6 +115,15 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
         .await?;
     db.migrate(flowline_messaging::MIGRATIONS).await?;
     db.migrate(flowline_saga::MIGRATIONS).await?;
+    db.close().await;
+    let db = Db::open(&backend, "audit").await?;
+    flowline_audit::Audit::open(db.clone(), Relay::new(db.clone(), log.clone())).await?;
+    db.close().await;
+    let db = Db::open(&backend, "analytics").await?;
+    flowline_analytics::Analytics::open(db.clone(), settings.analytics_config()).await?;
+    db.close().await;
+    let db = Db::open(&backend, "traces").await?;
+    db.migrate(crate::traces::MIGRATIONS).await?;
     db.close().await;
     catalog_db.close().await;
     log.db().close().await;
@@ -654,6 +669,81 @@ impl App {
                 .task,
         );
 
+        // Audit: one hash chain for the cluster, fed by one group.
+        let audit_db = Db::open(&backend, "audit").await?;
+        let audit_relay = Relay::new(audit_db.clone(), log.clone());
+        let audit = flowline_audit::Audit::open_with(
+            audit_db.clone(),
+            audit_relay.clone(),
+            settings.audit_config(),
+        )
+        .await?;
+        audit.register_metrics(&mut metrics.registry);
+        consumers.push(
+            log.subscribe(
+                ConsumerOptions::new(flowline_audit::GROUP, flowline_audit::TOPICS),
+                audit.clone(),
+                shutdown_rx.clone(),
+            )
+            .await?
+            .task,
+        );
+        relays.push(tokio::spawn(audit_relay.run(relay_rx.clone())));
+        databases.push(("audit", audit_db));
+
+        // Analytics: windows and sessions over the log, one group for the cluster.
+        let analytics_db = Db::open(&backend, "analytics").await?;
+        let analytics =
+            flowline_analytics::Analytics::open(analytics_db.clone(), settings.analytics_config())
+                .await?;
+        analytics.metrics().register(&mut metrics.registry);
+        consumers.push(
+            log.subscribe(
+                ConsumerOptions::new(flowline_analytics::GROUP, flowline_analytics::TOPICS),
+                analytics.clone(),
+                shutdown_rx.clone(),
+            )
+            .await?
+            .task,
+        );
+        consumers.push(tokio::spawn(prune_analytics(
+            analytics.clone(),
+            settings.analytics.retention.0,
+            shutdown_rx.clone(),
+        )));
+        databases.push(("analytics", analytics_db));
+
+        // Traces: this node's spans go to the shared trace store; it stops
+        // with the relays, so the last relay spans are kept too.
+        let traces = if settings.telemetry.traces {
+            let db = Db::open(&backend, "traces").await?;
+            let store = crate::traces::TraceStore::open(
+                db.clone(),
+                &settings.server.node_id,
+                settings.telemetry.max_spans,
+            )
+            .await?;
+            flowline_telemetry::trace::enable();
+            relays.push(tokio::spawn(crate::traces::run_flusher(
+                store.clone(),
+                settings.telemetry.otlp_endpoint.clone(),
+                relay_rx.clone(),
+            )));
+            databases.push(("traces", db));
+            Some(store)
+        } else {
+            None
+        };
+        let samples = Arc::new(crate::traces::RequestSamples::default());
+        if settings.telemetry.request_samples {
+            relays.push(tokio::spawn(crate::traces::run_sampler(
+                samples.clone(),
+                log.clone(),
+                settings.server.node_id.clone(),
+                relay_rx.clone(),
+            )));
+        }
+
         check_connection_budget(&log, databases.len() + 1, settings.database.max_connections).await;
         let limiter = open_limiter(&settings, &mut metrics.registry).await?;
         let state = Arc::new(AppState {
@@ -676,6 +766,10 @@ impl App {
             notifications,
             messaging,
             gateway,
+            traces,
+            samples,
+            audit,
+            analytics,
         });
         Ok(App {
             state,
@@ -731,6 +825,27 @@ async fn check_connection_budget(log: &EventLog, pools: usize, per_pool: u32) {
              lower database.max_connections to {} or raise PostgreSQL's max_connections",
             allowed.saturating_sub(3) / pools.max(1)
         );
+    }
+}
+
+/// Deletes final analytics windows older than `retention`, hourly.
+async fn prune_analytics(
+    analytics: Arc<flowline_analytics::Analytics>,
+    retention: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let before = flowline_core::Timestamp::from_micros(
+            flowline_core::Timestamp::now().as_micros()
+                - retention.as_micros().min(i64::MAX as u128) as i64,
+        );
+        if let Err(e) = analytics.prune(before).await {
+            tracing::warn!(error = %e, "analytics prune failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

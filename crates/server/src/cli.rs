@@ -62,6 +62,24 @@ pub enum Command {
     /// Inspect sagas (order placement and cancellation, workspace creation).
     #[command(subcommand)]
     Saga(SagaCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Data flows as they happened: a trace as a Mermaid sequence diagram,
+    /// or (`--summary`) each endpoint's data-flow graph with p50/p99 per hop.
+    /// Without arguments, lists recent traces.
+    Flows {
+        /// The trace id (the `x-trace-id` response header, or from the list).
+        trace_id: Option<String>,
+        /// Aggregate recent traces into one graph per endpoint.
+        #[arg(long, conflicts_with = "trace_id")]
+        summary: bool,
+        /// How many recent traces to list or aggregate.
+        #[arg(long, default_value_t = 200)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a benchmark scenario.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -83,6 +101,16 @@ pub enum SagaCommand {
         status: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the hash chain: report every edited, deleted or inserted record
+    /// and a truncated tail (exit 1 on any finding). Works beside a running server.
+    Verify {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -246,6 +274,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Events(cmd) => events(settings, cmd).await,
+        Command::Audit(AuditCommand::Verify { json }) => {
+            let db = flowline_store::Db::open(&settings.backend()?, "audit").await?;
+            db.migrate(flowline_audit::MIGRATIONS).await?;
+            let report = flowline_audit::verify(&db).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} records, head seq {}, head hash {}",
+                    report.records, report.head_seq, report.head_hash
+                );
+                for f in &report.findings {
+                    println!("seq {}: {:?}: {}", f.seq, f.kind, f.detail);
+                }
+                println!(
+                    "{}",
+                    if report.is_ok() {
+                        "chain intact"
+                    } else {
+                        "CHAIN BROKEN"
+                    }
+                );
+            }
+            if report.is_ok() {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Command::Flows {
+            trace_id,
+            summary,
+            limit,
+            json,
+        } => flows(&settings, trace_id, summary, limit, json).await,
         Command::Bench(cmd) => {
             // Errors only: a failure inside a scenario is explained on stderr
             // without info lines mixing into the report.
@@ -426,13 +489,86 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `flowline flows`: reads the trace store (beside a running server too).
+async fn flows(
+    settings: &Settings,
+    trace_id: Option<String>,
+    summary: bool,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !(1..=10_000).contains(&limit) {
+        anyhow::bail!("--limit must be 1..=10000");
+    }
+    let db = flowline_store::Db::open(&settings.backend()?, "traces").await?;
+    let store =
+        crate::traces::TraceStore::open(db, &settings.server.node_id, settings.telemetry.max_spans)
+            .await?;
+    if let Some(id) = trace_id {
+        let id = id.trim().to_ascii_lowercase();
+        if flowline_telemetry::trace::parse_trace_id(&id).is_none() {
+            anyhow::bail!("`{id}` is not a trace id (32 hex digits)");
+        }
+        let spans = store.spans(&id).await?;
+        if spans.is_empty() {
+            anyhow::bail!("no trace {id} in the trace store (unknown, pruned, or not flushed yet)");
+        }
+        let diagram = crate::flows::sequence(&spans);
+        if json {
+            let v = serde_json::json!({"trace_id": id, "spans": spans, "diagram": diagram});
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", crate::flows::mermaid(&diagram));
+        }
+        return Ok(());
+    }
+    if summary {
+        let traces = store.recent_traces(limit).await?;
+        let endpoints = crate::flows::summary(&traces);
+        if json {
+            println!("{}", serde_json::to_string_pretty(&endpoints)?);
+            return Ok(());
+        }
+        if endpoints.is_empty() {
+            println!("no traces yet: send some requests to a running server");
+        }
+        for e in endpoints {
+            println!("%% {} ({} traces)", e.endpoint, e.traces);
+            print!("{}", e.mermaid);
+            println!();
+        }
+        return Ok(());
+    }
+    let items = store.recent(limit, None, None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32}  {:<27}  {:>6}  {:>9}  {:>5}  ROOT",
+        "TRACE", "STARTED", "STATUS", "MS", "SPANS"
+    );
+    for t in items {
+        println!(
+            "{:<32}  {:<27}  {:>6}  {:>9.2}  {:>5}  {}",
+            t.trace_id,
+            t.started_at.to_rfc3339(),
+            t.status.map(|s| s.to_string()).unwrap_or_default(),
+            t.duration_ms,
+            t.spans,
+            t.root
+        );
+    }
+    Ok(())
+}
+
 /// The whole HTTP surface of a running app.
 pub fn app_router(state: &std::sync::Arc<crate::app::AppState>) -> axum::Router {
     crate::http::router(state.clone(), api_routes(state), root_routes(state))
 }
 
 fn root_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate::app::AppState>> {
-    flowline_identity::routes::well_known(auth_state(state))
+    flowline_identity::routes::well_known(auth_state(state)).merge(crate::console::routes())
 }
 
 fn auth_state(state: &crate::app::AppState) -> flowline_identity::routes::AuthState {
@@ -487,6 +623,10 @@ fn api_routes(state: &crate::app::AppState) -> axum::Router<std::sync::Arc<crate
         .merge(shipping_admin)
         .merge(notify_admin)
         .merge(crate::sagas::routes())
+        .merge(crate::console::admin_routes())
+        .merge(crate::traces::routes())
+        .merge(flowline_audit::routes::routes(state.audit.clone()))
+        .merge(flowline_analytics::routes::routes(state.analytics.clone()))
         .route_layer(from_fn_with_state(auth.clone(), require_role_admin))
         .route_layer(from_fn_with_state(auth.clone(), require_auth));
     axum::Router::new()

@@ -20,6 +20,9 @@ pub struct Settings {
     pub bus: BusSettings,
     pub cache: CacheSettings,
     pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
+    pub audit: AuditSettings,
+    pub analytics: AnalyticsSettings,
     pub probe: ProbeSettings,
     pub auth: AuthSettings,
     pub ratelimit: RateLimitSettings,
@@ -413,6 +416,75 @@ pub struct LogSettings {
     pub level: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// Keep the spans of recent requests and the events they caused in the
+    /// local trace store (`flowline flows`, the console).
+    pub traces: bool,
+    /// The trace store keeps at most this many spans (oldest go first).
+    pub max_spans: u64,
+    /// OTLP/HTTP traces URL (`http://collector:4318/v1/traces`); empty = off.
+    /// Needs a binary built with `--features otlp`.
+    pub otlp_endpoint: String,
+    /// Publish per-request latency samples to `gateway.requests` (once a
+    /// second, batched) for the analytics context.
+    pub request_samples: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            traces: true,
+            max_spans: 200_000,
+            otlp_endpoint: String::new(),
+            request_samples: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Failed logins for one account or one client address, within
+    /// `failed_login_window`, that raise an `audit.alert_raised`; 0 = off.
+    pub failed_login_threshold: u32,
+    pub failed_login_window: HumanDuration,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            failed_login_threshold: 5,
+            failed_login_window: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsSettings {
+    /// How far the watermark trails the newest event time.
+    pub out_of_orderness: HumanDuration,
+    /// How long a window still takes late events after the watermark passed it.
+    pub allowed_lateness: HumanDuration,
+    /// Inactivity that ends a user session (the session-duration job).
+    pub session_gap: HumanDuration,
+    /// Final windows older than this are deleted.
+    pub retention: HumanDuration,
+}
+
+impl Default for AnalyticsSettings {
+    fn default() -> Self {
+        AnalyticsSettings {
+            out_of_orderness: HumanDuration(Duration::from_secs(5)),
+            allowed_lateness: HumanDuration(Duration::from_secs(60)),
+            session_gap: HumanDuration(Duration::from_secs(30 * 60)),
+            retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeSettings {
@@ -430,6 +502,9 @@ impl Default for Settings {
             bus: BusSettings::default(),
             cache: CacheSettings::default(),
             log: LogSettings::default(),
+            telemetry: TelemetrySettings::default(),
+            audit: AuditSettings::default(),
+            analytics: AnalyticsSettings::default(),
             probe: ProbeSettings::default(),
             auth: AuthSettings::default(),
             ratelimit: RateLimitSettings::default(),
@@ -635,6 +710,21 @@ impl Settings {
         if !(1..=100_000).contains(&e.fetch_batch) {
             bail!("invalid configuration key `eventlog.fetch_batch`: must be 1..=100000");
         }
+        if self.analytics.session_gap.0.is_zero() || self.audit.failed_login_window.0.is_zero() {
+            bail!("invalid configuration key `analytics.session_gap`/`audit.failed_login_window`: must be positive");
+        }
+        if self.telemetry.max_spans < 1000 {
+            bail!("invalid configuration key `telemetry.max_spans`: must be at least 1000");
+        }
+        let otlp = &self.telemetry.otlp_endpoint;
+        if !otlp.is_empty() {
+            if !(otlp.starts_with("http://") || otlp.starts_with("https://")) {
+                bail!("invalid configuration key `telemetry.otlp_endpoint`: must be an http(s) URL, got `{otlp}`");
+            }
+            if !cfg!(feature = "otlp") {
+                bail!("invalid configuration key `telemetry.otlp_endpoint`: this binary was built without OTLP export (build with `--features otlp`)");
+            }
+        }
         if self.server.body_limit_bytes == 0 {
             bail!("invalid configuration key `server.body_limit_bytes`: must be positive");
         }
@@ -783,6 +873,21 @@ impl Settings {
             );
         }
         Ok(())
+    }
+
+    pub fn audit_config(&self) -> flowline_audit::AuditConfig {
+        flowline_audit::AuditConfig {
+            failed_login_threshold: self.audit.failed_login_threshold,
+            failed_login_window: self.audit.failed_login_window.0,
+        }
+    }
+
+    pub fn analytics_config(&self) -> flowline_analytics::AnalyticsConfig {
+        flowline_analytics::AnalyticsConfig {
+            out_of_orderness: self.analytics.out_of_orderness.0,
+            allowed_lateness: self.analytics.allowed_lateness.0,
+            session_gap: self.analytics.session_gap.0,
+        }
     }
 
     /// The effective settings as TOML, with secrets redacted.

@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use flowline_core::{ErrorCode, Problem};
 use flowline_http::ratelimit::{Decision, Quota};
 pub use flowline_http::{
-    problem_response, ApiError, ApiJson, RequestContext, PROBLEM_JSON, REQUEST_ID,
+    problem_response, ApiError, ApiJson, RequestContext, PROBLEM_JSON, REQUEST_ID, TRACE_ID,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -97,6 +97,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(flowline_orders::routes::OrdersApi::openapi());
     doc.merge(flowline_shipping::routes::ShippingApi::openapi());
     doc.merge(crate::sagas::SagasApi::openapi());
+    doc.merge(crate::traces::TracesApi::openapi());
+    doc.merge(flowline_audit::routes::AuditApi::openapi());
+    doc.merge(flowline_analytics::routes::AnalyticsApi::openapi());
+    doc.merge(crate::console::ConsoleApi::openapi());
     doc.merge(flowline_notifications::routes::NotificationsApi::openapi());
     doc.merge(flowline_messaging::routes::MessagingApi::openapi());
     doc
@@ -177,7 +181,28 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         correlation_id: correlation_id.clone(),
         request_id: request_id.clone(),
     });
-    let span = tracing::info_span!("request", %correlation_id, %request_id, %method, %route);
+    // The trace continues the caller's `traceparent`, or takes the correlation
+    // id as its trace id when that is one (so either finds the other).
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| flowline_telemetry::TraceContext::parse(v).is_some())
+        .map(str::to_owned);
+    let user_agent: String = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    let span = tracing::info_span!("request", %correlation_id, %request_id, %method, %route,
+        traceparent = traceparent.as_deref(), trace_id = %correlation_id,
+        status = tracing::field::Empty);
+    let trace_id = span
+        .in_scope(flowline_telemetry::trace::current_context)
+        .map(|c| c.trace_hex());
     let timeout = state.settings.server.request_timeout.0;
     let mut res = {
         use tracing::Instrument;
@@ -205,20 +230,32 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
             status,
         })
         .inc();
+    state.samples.push(
+        &method,
+        &route,
+        status,
+        elapsed,
+        flowline_core::Timestamp::now(),
+    );
     state
         .metrics
         .latency
         .get_or_create(&crate::metrics::RouteLabels { method, route })
         .observe(elapsed.as_secs_f64());
+    span.record("status", status);
     span.in_scope(|| {
         tracing::info!(
             status,
             elapsed_ms = elapsed.as_secs_f64() * 1e3,
+            user_agent,
             "request handled"
         );
     });
     if let Ok(v) = HeaderValue::from_str(&correlation_id) {
         res.headers_mut().insert(REQUEST_ID, v);
+    }
+    if let Some(v) = trace_id.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        res.headers_mut().insert(TRACE_ID, v);
     }
     res
 }

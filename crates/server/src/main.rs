@@ -8,12 +8,15 @@ mod bench_realtime;
 mod bench_search;
 mod cli;
 mod config;
+mod flows;
+mod console;
 mod http;
 mod metrics;
 mod order_ports;
 mod probe;
 mod sagas;
 mod telemetry;
+mod traces;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -1,9 +1,17 @@
-//! Logging: structured JSON for machines, pretty for terminals. Span fields
-//! (the request's correlation id) appear on every line logged inside them.
+//! Logging and tracing. Logs are structured JSON for machines or compact for
+//! terminals, redacted line by line (PII and secrets never reach the sink),
+//! and carry the span fields (the correlation id) on every line. Beside them
+//! the trace layer gives every span a W3C trace context and keeps the closed
+//! spans of request-driven flows for the trace store.
 
 use crate::config::{LogFormat, LogSettings};
+use flowline_telemetry::redact::RedactingWriter;
+use flowline_telemetry::TraceLayer;
 use std::io::IsTerminal;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_env("FLOWLINE_LOG")
@@ -14,19 +22,27 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if json {
-        builder
-            .json()
+    let writer = RedactingWriter::new(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = if json {
+        fmt.json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init()
+            .with_filter(filter)
+            .boxed()
     } else {
-        builder.compact().try_init()
+        fmt.compact().with_filter(filter).boxed()
     };
+    // The trace layer sees every info span whatever the log level, and
+    // sqlx's per-statement events (debug) to count database calls.
+    let traces = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("sqlx::query", LevelFilter::DEBUG);
+    let result = tracing_subscriber::registry()
+        .with(fmt)
+        .with(TraceLayer.with_filter(traces))
+        .try_init();
     // A second init (tests) keeps the first subscriber.
     let _ = result;
 }

@@ -492,9 +492,14 @@ impl<H: Handler> Worker<H> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            // The event's correlation id rides on every log line the handler writes.
+            // The event's correlation id rides on every log line the handler
+            // writes; its trace context makes the handling part of the trace
+            // that published it.
             let span = tracing::info_span!("event", group = %self.opts.group,
-                correlation_id = %ev.envelope.correlation_id, event_id = %ev.envelope.id);
+                correlation_id = %ev.envelope.correlation_id, event_id = %ev.envelope.id,
+                topic = %ev.envelope.topic, event_type = %ev.envelope.event_type,
+                partition = ev.partition, offset = ev.offset, attempt,
+                traceparent = ev.envelope.traceparent.as_deref());
             match self.handler.handle(ev).instrument(span).await {
                 Ok(()) => return Ok(Outcome::Delivered),
                 Err(err) if err.permanent || attempt >= max_attempts => {

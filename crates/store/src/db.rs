@@ -46,7 +46,7 @@ macro_rules! on_pool {
 
 /// Decodes an `Envelope` from a row with the envelope columns (`event_id`,
 /// `event_type`, `topic`, `event_key`, `occurred_at`, `correlation_id`,
-/// `causation_id`, `schema_version`, `payload`): the log's and the outbox's.
+/// `causation_id`, `schema_version`, `payload`, `traceparent`): the log's and the outbox's.
 macro_rules! decode_envelope {
     ($row:expr) => {{
         let row = $row;
@@ -64,6 +64,7 @@ macro_rules! decode_envelope {
             schema_version: row.try_get("schema_version")?,
             payload: serde_json::from_str(&payload)
                 .map_err(|_| $crate::StoreError::CorruptEvent(id.clone()))?,
+            traceparent: row.try_get("traceparent")?,
         }
     }};
 }

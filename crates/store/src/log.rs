@@ -40,6 +40,13 @@ pub(crate) const LOG_MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/log_0002_leases.sql"),
         postgres: include_str!("../migrations/postgres/log_0002_leases.sql"),
     },
+    Migration {
+        scope: "log",
+        version: 3,
+        name: "traceparent",
+        sqlite: include_str!("../migrations/sqlite/log_0003_traceparent.sql"),
+        postgres: include_str!("../migrations/postgres/log_0003_traceparent.sql"),
+    },
 ];
 
 #[derive(Debug, Clone)]
@@ -163,7 +170,7 @@ pub(crate) struct Inner {
 }
 
 const EVENT_COLUMNS: &str = "topic, partition_no, log_offset, event_id, event_type, event_key, \
-    occurred_at, appended_at, correlation_id, causation_id, schema_version, payload";
+    occurred_at, appended_at, correlation_id, causation_id, schema_version, payload, traceparent";
 
 macro_rules! decode_event {
     ($row:expr) => {{
@@ -392,7 +399,8 @@ impl EventLog {
                             .bind(e.causation_id.as_deref())
                             .bind(e.schema_version)
                             .bind(payload)
-                            .bind(size);
+                            .bind(size)
+                            .bind(e.traceparent.as_deref());
                     }
                     q.execute(c).await.map(|r| r.rows_affected())
                 })?;
@@ -1159,13 +1167,14 @@ pub(crate) fn placeholders(sqlite: bool, start: usize, n: usize) -> Vec<String> 
 fn insert_sql(rows: usize, sqlite: bool) -> String {
     let mut sql = String::from(
         "INSERT INTO log_events (topic, partition_no, log_offset, event_id, event_type, event_key, \
-         occurred_at, appended_at, correlation_id, causation_id, schema_version, payload, size_bytes) VALUES ",
+         occurred_at, appended_at, correlation_id, causation_id, schema_version, payload, size_bytes, \
+         traceparent) VALUES ",
     );
     for r in 0..rows {
         if r > 0 {
             sql.push_str(", ");
         }
-        let params = placeholders(sqlite, r * 13, 13);
+        let params = placeholders(sqlite, r * 14, 14);
         sql.push('(');
         sql.push_str(&params.join(", "));
         sql.push(')');

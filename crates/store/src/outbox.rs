@@ -18,21 +18,36 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 /// Kernel tables (outbox, inbox) that every service database carries.
-pub const KERNEL_MIGRATIONS: &[Migration] = &[Migration {
-    scope: "kernel",
-    version: 1,
-    name: "outbox_inbox",
-    sqlite: include_str!("../migrations/sqlite/kernel_0001_outbox_inbox.sql"),
-    postgres: include_str!("../migrations/postgres/kernel_0001_outbox_inbox.sql"),
-}];
+pub const KERNEL_MIGRATIONS: &[Migration] = &[
+    Migration {
+        scope: "kernel",
+        version: 1,
+        name: "outbox_inbox",
+        sqlite: include_str!("../migrations/sqlite/kernel_0001_outbox_inbox.sql"),
+        postgres: include_str!("../migrations/postgres/kernel_0001_outbox_inbox.sql"),
+    },
+    Migration {
+        scope: "kernel",
+        version: 2,
+        name: "traceparent",
+        sqlite: include_str!("../migrations/sqlite/kernel_0002_traceparent.sql"),
+        postgres: include_str!("../migrations/postgres/kernel_0002_traceparent.sql"),
+    },
+];
 
-/// Adds `event` to the outbox within `tx`.
+/// Adds `event` to the outbox within `tx`. The event joins the current trace:
+/// a `publish` span (child of the current span) is recorded, and the event
+/// carries its context so whoever handles it continues the trace.
 pub async fn enqueue(tx: &mut Tx, event: &Envelope) -> Result<()> {
     let payload = serde_json::to_string(&event.payload)?;
+    let traceparent = match &event.traceparent {
+        Some(tp) => Some(tp.clone()),
+        None => publish_span(event),
+    };
     on_tx!(tx, |c| sqlx::query(
         "INSERT INTO outbox (event_id, topic, event_type, event_key, occurred_at, correlation_id,
-            causation_id, schema_version, payload)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            causation_id, schema_version, payload, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     )
     .bind(event.id.to_string())
     .bind(&event.topic)
@@ -43,10 +58,74 @@ pub async fn enqueue(tx: &mut Tx, event: &Envelope) -> Result<()> {
     .bind(event.causation_id.as_deref())
     .bind(event.schema_version)
     .bind(&payload)
+    .bind(traceparent.as_deref())
     .execute(c)
     .await
     .map(|r| r.rows_affected()))?;
     Ok(())
+}
+
+/// Records the `publish` span of `event` under the current span; returns the
+/// context the event carries (`None` outside any trace).
+fn publish_span(event: &Envelope) -> Option<String> {
+    use flowline_telemetry::trace;
+    let parent = trace::current_context()?;
+    let ctx = trace::TraceContext {
+        trace_id: parent.trace_id,
+        span_id: trace::new_span_id(),
+    };
+    if trace::enabled() {
+        let mut attrs = serde_json::Map::new();
+        attrs.insert("topic".into(), event.topic.clone().into());
+        attrs.insert("event_type".into(), event.event_type.clone().into());
+        attrs.insert("event_id".into(), event.id.to_string().into());
+        trace::record(trace::SpanRecord {
+            trace_id: ctx.trace_hex(),
+            span_id: format!("{:016x}", ctx.span_id),
+            parent_id: Some(format!("{:016x}", parent.span_id)),
+            name: "publish".into(),
+            start_us: trace::now_us(),
+            duration_us: 0,
+            attrs,
+            db_calls: 0,
+            db_us: 0,
+        });
+    }
+    Some(ctx.to_string())
+}
+
+/// One `relay` span per traced event: from its commit in the outbox to its
+/// append to the log (the hop's latency).
+fn relay_spans(events: &[Envelope]) {
+    use flowline_telemetry::trace;
+    if !trace::enabled() {
+        return;
+    }
+    let now = trace::now_us();
+    for e in events {
+        let Some(ctx) = e
+            .traceparent
+            .as_deref()
+            .and_then(trace::TraceContext::parse)
+        else {
+            continue;
+        };
+        let start = e.occurred_at.as_micros();
+        let mut attrs = serde_json::Map::new();
+        attrs.insert("topic".into(), e.topic.clone().into());
+        attrs.insert("event_type".into(), e.event_type.clone().into());
+        trace::record(trace::SpanRecord {
+            trace_id: ctx.trace_hex(),
+            span_id: format!("{:016x}", trace::new_span_id()),
+            parent_id: Some(format!("{:016x}", ctx.span_id)),
+            name: "relay".into(),
+            start_us: start,
+            duration_us: (now - start).max(0),
+            attrs,
+            db_calls: 0,
+            db_us: 0,
+        });
+    }
 }
 
 /// Moves one service database's outbox to the log.
@@ -80,7 +159,7 @@ impl Relay {
         let rows = on_pool!(&self.source, |p| {
             let rows = sqlx::query(
                 "SELECT id, event_id, topic, event_type, event_key, occurred_at, correlation_id,
-                        causation_id, schema_version, payload
+                        causation_id, schema_version, payload, traceparent
                  FROM outbox ORDER BY id LIMIT $1",
             )
             .bind(self.batch)
@@ -95,6 +174,7 @@ impl Relay {
         }
         let (ids, events): (Vec<i64>, Vec<Envelope>) = rows.into_iter().unzip();
         self.log.append(&events).await?;
+        relay_spans(&events);
         // Delete exactly the rows relayed (not a range): on PostgreSQL a lower id
         // may commit after a higher one and must not be lost.
         for chunk in ids.chunks(500) {

@@ -774,3 +774,103 @@ async fn instances_share_a_group_by_lease_and_take_over_a_dead_one() {
         sb.task.await.unwrap();
     }
 }
+
+/// The trace context seen inside the handler, per event id.
+#[derive(Clone, Default)]
+struct TraceSeen(Arc<Mutex<HashMap<uuid::Uuid, Option<flowline_telemetry::TraceContext>>>>);
+
+impl Handler for TraceSeen {
+    async fn handle(&self, e: &RecordedEvent) -> Result<(), HandlerError> {
+        let ctx = flowline_telemetry::trace::current_context();
+        self.0.lock().unwrap().insert(e.envelope.id, ctx);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_trace_continues_across_the_log_into_the_handler() {
+    use tracing::Instrument;
+    use tracing_subscriber::layer::SubscriberExt;
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let s = tracing_subscriber::registry().with(flowline_telemetry::TraceLayer);
+        tracing::subscriber::set_global_default(s).expect("first subscriber");
+        flowline_telemetry::trace::enable();
+    });
+    for b in backends(Durability::Full) {
+        let log = b.log(opts()).await;
+        let db = service_db(&b, "traced").await;
+        let e = ev("traced", "k", 1);
+        let request = tracing::info_span!("request", route = "/test");
+        let req_ctx = async {
+            let mut tx = db.begin().await.unwrap();
+            outbox::enqueue(&mut tx, &e).await.unwrap();
+            tx.commit().await.unwrap();
+            flowline_telemetry::trace::current_context().expect("a recorded trace")
+        }
+        .instrument(request)
+        .await;
+        Relay::new(db.clone(), log.clone()).drain().await.unwrap();
+        // The envelope in the log carries the publish span's context.
+        let got = log.tail("traced", ReplayFrom::Earliest, 10).await.unwrap();
+        let tp = got[0]
+            .envelope
+            .traceparent
+            .clone()
+            .expect("traceparent in the log");
+        let publish = flowline_telemetry::TraceContext::parse(&tp).expect("valid");
+        assert_eq!(publish.trace_id, req_ctx.trace_id, "{}", b.name());
+        assert_ne!(publish.span_id, req_ctx.span_id);
+
+        let seen = TraceSeen::default();
+        let (stop, stop_rx) = watch::channel(false);
+        let sub = log
+            .subscribe(
+                ConsumerOptions::new("tracer", &["traced"]),
+                seen.clone(),
+                stop_rx,
+            )
+            .await
+            .unwrap();
+        wait_for("the handler", || seen.0.lock().unwrap().contains_key(&e.id)).await;
+        let _ = stop.send(true);
+        sub.task.await.unwrap();
+        let in_handler = seen.0.lock().unwrap()[&e.id].expect("handler inside the trace");
+        assert_eq!(in_handler.trace_id, req_ctx.trace_id, "{}", b.name());
+
+        // The recorded spans chain: request → publish → event (and the relay hop).
+        let trace = req_ctx.trace_hex();
+        let mut spans = Vec::new();
+        for _ in 0..100 {
+            spans.extend(
+                flowline_telemetry::trace::drain()
+                    .into_iter()
+                    .filter(|s| s.trace_id == trace),
+            );
+            if spans.iter().any(|s| s.name == "event") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let find = |name: &str| {
+            spans
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
+                .clone()
+        };
+        let (req, publ, relay, handled) = (
+            find("request"),
+            find("publish"),
+            find("relay"),
+            find("event"),
+        );
+        assert_eq!(publ.parent_id.as_deref(), Some(req.span_id.as_str()));
+        assert_eq!(publ.span_id, format!("{:016x}", publish.span_id));
+        assert_eq!(relay.parent_id.as_deref(), Some(publ.span_id.as_str()));
+        assert_eq!(handled.parent_id.as_deref(), Some(publ.span_id.as_str()));
+        assert_eq!(handled.attrs["group"], "tracer");
+        assert_eq!(handled.attrs["event_type"], "test.happened");
+        assert!(req.db_calls == 0 || req.db_us >= 0);
+    }
+}
