@@ -90,6 +90,21 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What seeing the data flow costs: traced writes next to untraced ones,
+    /// audit chain appends and analytics applies next to the inbox floor.
+    Observe {
+        /// Seconds of the traced/untraced phase.
+        #[arg(long, default_value_t = 12)]
+        seconds: u64,
+        /// Concurrent connections writing.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Events applied to the audit chain and to analytics.
+        #[arg(long, default_value_t = 2000)]
+        events: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Append events in batches and deliver them to one consumer group (SQLite).
     Events {
         /// Events in the throughput phase.
@@ -195,6 +210,25 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<()> {
             in_fresh_dir(&settings, json, |dir| async move {
                 crate::bench_search::run(&s, &dir, products, queries, Duration::from_secs(seconds))
                     .await
+            })
+            .await
+        }
+        BenchCommand::Observe {
+            seconds,
+            connections,
+            events,
+            json,
+        } => {
+            let s = settings.clone();
+            in_fresh_dir(&settings, json, |dir| async move {
+                crate::bench_observe::run(
+                    s,
+                    &dir,
+                    Duration::from_secs(seconds.max(1)),
+                    connections.max(1),
+                    events.max(10),
+                )
+                .await
             })
             .await
         }

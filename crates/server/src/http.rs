@@ -154,6 +154,24 @@ fn traceparent_trace_id(headers: &HeaderMap) -> Option<String> {
     ok.then(|| parts[1].to_ascii_lowercase())
 }
 
+/// Health, metrics, the console and the admin views of events, groups,
+/// sagas, traces, audit and analytics.
+fn is_observability_read(route: &str) -> bool {
+    matches!(route, "/healthz" | "/readyz" | "/metrics")
+        || route.starts_with("/console")
+        || [
+            "/api/v1/admin/events",
+            "/api/v1/admin/consumer-groups",
+            "/api/v1/admin/sagas",
+            "/api/v1/admin/traces",
+            "/api/v1/admin/flows",
+            "/api/v1/admin/audit",
+            "/api/v1/admin/analytics",
+        ]
+        .iter()
+        .any(|p| route.starts_with(p))
+}
+
 /// Outermost middleware: correlation, logging span, timeout, metrics, and
 /// conversion of any non-problem error body into problem+json.
 async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
@@ -197,8 +215,11 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         .chars()
         .take(200)
         .collect();
+    // Reads of the observability surface itself (the console polls them
+    // every second) would bury the flows they show: not recorded.
+    let untraced = method == "GET" && is_observability_read(&route);
     let span = tracing::info_span!("request", %correlation_id, %request_id, %method, %route,
-        traceparent = traceparent.as_deref(), trace_id = %correlation_id,
+        traceparent = traceparent.as_deref(), trace_id = %correlation_id, untraced,
         status = tracing::field::Empty);
     let trace_id = span
         .in_scope(flowline_telemetry::trace::current_context)

@@ -3,6 +3,7 @@
 mod app;
 mod bench;
 mod bench_commerce;
+mod bench_observe;
 mod bench_orders;
 mod bench_realtime;
 mod bench_search;

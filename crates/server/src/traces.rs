@@ -104,6 +104,14 @@ impl TraceStore {
         tx.commit().await
     }
 
+    pub async fn count(&self) -> Result<i64, StoreError> {
+        Ok(on_pool!(&self.db, |p| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM trace_spans"
+        )
+        .fetch_one(p)
+        .await)?)
+    }
+
     /// Deletes the oldest spans beyond `max_spans`. Returns how many went.
     pub async fn prune(&self) -> Result<u64, StoreError> {
         let top: Option<i64> = on_pool!(&self.db, |p| sqlx::query_scalar(
@@ -174,15 +182,14 @@ impl TraceStore {
             if out.iter().any(|t: &TraceSummary| t.trace_id == s.trace_id) {
                 continue;
             }
-            let (n, end): (i64, Option<i64>) =
-                on_pool!(&self.db, |p| {
-                    sqlx::query_as(
+            let (n, end): (i64, Option<i64>) = on_pool!(&self.db, |p| {
+                sqlx::query_as(
                 "SELECT COUNT(*), MAX(start_us + duration_us) FROM trace_spans WHERE trace_id = $1"
             )
             .bind(&s.trace_id)
             .fetch_one(p)
             .await
-                })?;
+            })?;
             out.push(TraceSummary {
                 root: format!("{} {}", attr("method").unwrap_or_default(), route_of),
                 status: s.attrs.get("status").and_then(|v| v.as_i64()),
@@ -258,7 +265,7 @@ pub async fn run_flusher(
             }
         }
         passes += 1;
-        if passes % 20 == 0 {
+        if passes.is_multiple_of(20) {
             if let Err(e) = store.prune().await {
                 tracing::warn!(error = %e, "trace store prune failed");
             }
@@ -438,3 +445,60 @@ pub async fn summary(
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(list, show, summary))]
 pub struct TracesApi;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(i: i64) -> SpanRecord {
+        SpanRecord {
+            trace_id: format!("{:032x}", i / 10 + 1),
+            span_id: format!("{:016x}", i + 1),
+            parent_id: None,
+            name: if i % 10 == 0 { "request" } else { "publish" }.into(),
+            start_us: 1_700_000_000_000_000 + i,
+            duration_us: 10,
+            attrs: serde_json::Map::new(),
+            db_calls: 0,
+            db_us: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_store_keeps_the_newest_spans_up_to_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = flowline_store::Backend::Sqlite {
+            dir: dir.path().to_path_buf(),
+            durability: flowline_store::Durability::Full,
+        };
+        let store = TraceStore::open(Db::open(&backend, "traces").await.unwrap(), "n", 100)
+            .await
+            .unwrap();
+        let spans: Vec<SpanRecord> = (0..250).map(span).collect();
+        store.insert(&spans).await.unwrap();
+        assert_eq!(store.prune().await.unwrap(), 150);
+        assert_eq!(store.count().await.unwrap(), 100);
+        // The oldest traces went; the newest are whole.
+        assert!(store
+            .spans(&format!("{:032x}", 1))
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store.spans(&format!("{:032x}", 25)).await.unwrap().len(),
+            10
+        );
+        let recent = store.recent(3, None, None).await.unwrap();
+        let ids: Vec<&str> = recent.iter().map(|t| t.trace_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                format!("{:032x}", 25),
+                format!("{:032x}", 24),
+                format!("{:032x}", 23)
+            ]
+        );
+        assert_eq!(recent[0].spans, 10);
+        assert_eq!(store.prune().await.unwrap(), 0);
+    }
+}

@@ -482,3 +482,30 @@ fn the_audit_chain_records_security_events_alerts_once_and_detects_tampering() {
     assert_eq!(report["findings"][0]["seq"], 3, "{report:#}");
     assert_eq!(report["findings"][0]["kind"], "edited", "{report:#}");
 }
+
+#[test]
+fn an_otlp_endpoint_needs_the_feature_and_an_http_url() {
+    let (ok, _, err) = cli(
+        &["config", "show"],
+        &[("FLOWLINE__TELEMETRY__OTLP_ENDPOINT", "collector:4318")],
+    );
+    assert!(
+        !ok && err.contains("`telemetry.otlp_endpoint`: must be an http(s) URL"),
+        "{err}"
+    );
+    let (ok, out, err) = cli(
+        &["config", "show"],
+        &[(
+            "FLOWLINE__TELEMETRY__OTLP_ENDPOINT",
+            "http://127.0.0.1:4318/v1/traces",
+        )],
+    );
+    if cfg!(feature = "otlp") {
+        assert!(
+            ok && out.contains("otlp_endpoint = \"http://127.0.0.1:4318/v1/traces\""),
+            "{err}"
+        );
+    } else {
+        assert!(!ok && err.contains("built without OTLP export"), "{err}");
+    }
+}

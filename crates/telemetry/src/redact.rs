@@ -229,9 +229,9 @@ fn card_numbers(s: &str) -> Option<String> {
                 break;
             }
         }
-        let bounded = !bytes.get(end).is_some_and(|b| b.is_ascii_alphanumeric())
-            && !(bytes.get(end) == Some(&b'.')
-                && bytes.get(end + 1).is_some_and(u8::is_ascii_digit));
+        let next = bytes.get(end).copied();
+        let fraction = next == Some(b'.') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit);
+        let bounded = !next.is_some_and(|b| b.is_ascii_alphanumeric()) && !fraction;
         if (13..=19).contains(&digits.len()) && bounded && luhn(&digits) {
             cuts.push((i, end));
         }

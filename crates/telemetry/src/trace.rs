@@ -39,6 +39,11 @@ pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
+/// Turns buffering on or off (benchmarks compare the two).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
@@ -218,7 +223,7 @@ where
                 },
             };
         let state = SpanState {
-            recorded,
+            recorded: recorded && !fields.untraced,
             ctx: TraceContext {
                 trace_id,
                 span_id: new_span_id(),
@@ -296,6 +301,8 @@ pub fn now_us() -> i64 {
 struct Fields {
     traceparent: Option<String>,
     trace_id: Option<String>,
+    /// `untraced = true` on a root span: ids still flow, nothing is kept.
+    untraced: bool,
     values: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -304,6 +311,7 @@ impl Fields {
         match field.name() {
             "traceparent" => self.traceparent = value.as_str().map(str::to_owned),
             "trace_id" => self.trace_id = value.as_str().map(str::to_owned),
+            "untraced" => self.untraced = value.as_bool().unwrap_or(false),
             name => {
                 self.values.insert(name.to_owned(), value);
             }
@@ -393,6 +401,10 @@ mod tests {
             let fresh_ctx = fresh.in_scope(|| current_context().expect("context"));
             assert_ne!(fresh_ctx.trace_id, outer_ctx.trace_id);
             drop(fresh);
+            // A request marked untraced keeps nothing (the console's polling).
+            let quiet = tracing::info_span!("request", untraced = true);
+            assert_eq!(quiet.in_scope(current_context), None);
+            drop(quiet);
             drop(outer);
             drop(other);
             let recs: Vec<SpanRecord> = drain()

@@ -701,7 +701,9 @@
     const FONT_B = '600 12px system-ui, sans-serif';
     const FONT = '11.5px system-ui, sans-serif';
     const boxW = parts.map((p) => Math.max(96, textWidth(p, FONT_B) + 24));
-    const labelOf = (m) => cut(m.label, 40) + (typeof m.duration_ms === 'number' && !m.reply ? '  ' + fmtMs(m.duration_ms) : '');
+    // Server labels often carry their own timing; add it only when absent.
+    const labelOf = (m) => cut(m.label, 40) +
+      (typeof m.duration_ms === 'number' && m.duration_ms > 0 && !m.reply && !/\d ?(ms|s)\b/.test(String(m.label)) ? '  ' + fmtMs(m.duration_ms) : '');
     // Gaps between neighbouring lifelines wide enough for the labels between them.
     const gaps = parts.slice(1).map((_, i) => Math.max(boxW[i] / 2 + boxW[i + 1] / 2 + 24, 120));
     let tail = boxW[boxW.length - 1] / 2 + 20;
@@ -779,6 +781,19 @@
     return s;
   }
 
+  /** A diagram without its database participants (and their messages). */
+  function withoutStores(d) {
+    const keep = (p) => kindOf(p) !== 'store';
+    return {
+      participants: arrayOf(d, ['participants']).filter(keep),
+      messages: arrayOf(d, ['messages']).filter((m) => m && keep(m.from) && keep(m.to)),
+    };
+  }
+  function fit(svgEl, on) {
+    svgEl.classList.toggle('fit', !!on);
+    return svgEl;
+  }
+
   // ------------------------------------------------------------------ traces
 
   const Traces = (() => {
@@ -788,6 +803,7 @@
     let selected = null;
     let available = true;
     const known = new Map();
+    const prefs = { hideStores: false, fit: false };
     // The console's own polling is traced too; hidden unless asked for.
     const isAdminRead = (t) => /^GET \/(api\/v1\/admin\/|console)/.test(t.root || '');
 
@@ -873,7 +889,23 @@
         el('dt', { text: 'spans' }), el('dd', { text: spans.length })));
       detail.appendChild(el('h3', { text: 'Sequence diagram' }));
       if (t.diagram && (arrayOf(t.diagram, ['participants']).length || arrayOf(t.diagram, ['messages']).length)) {
-        detail.appendChild(el('div', { class: 'diagram-wrap' }, drawSequence(t.diagram)));
+        const wrap = el('div', { class: 'diagram-wrap', id: 'trace-diagram-wrap' });
+        const hideDb = el('input', { type: 'checkbox', id: 'trace-hide-stores', 'data-testid': 'trace-hide-stores' });
+        const fitBox = el('input', { type: 'checkbox', id: 'trace-fit', 'data-testid': 'trace-fit' });
+        hideDb.checked = prefs.hideStores;
+        fitBox.checked = prefs.fit;
+        const draw = () => {
+          prefs.hideStores = hideDb.checked;
+          prefs.fit = fitBox.checked;
+          clear(wrap).appendChild(fit(drawSequence(hideDb.checked ? withoutStores(t.diagram) : t.diagram), fitBox.checked));
+        };
+        hideDb.addEventListener('change', draw);
+        fitBox.addEventListener('change', draw);
+        detail.appendChild(el('div', { class: 'toolbar small' },
+          el('label', { class: 'check' }, hideDb, ' hide databases'),
+          el('label', { class: 'check' }, fitBox, ' fit to width')));
+        detail.appendChild(wrap);
+        draw();
       } else {
         detail.appendChild(el('p', { class: 'muted', text: 'This trace has no diagram.' }));
       }
@@ -905,24 +937,29 @@
 
   // ------------------------------------------------------------------- flows
 
-  /** Boxes in columns by longest path from the sources; arrows with timings. */
+  /** Boxes in columns by longest path from the sources (crossings reduced by
+   * barycentres), one arrow per pair of boxes, labels slid along their curve
+   * until they overlap nothing. */
   function drawFlow(hops) {
     const nodes = [];
     for (const h of hops) for (const n of [String(h.from), String(h.to)]) if (!nodes.includes(n)) nodes.push(n);
     const out = new Map(nodes.map((n) => [n, []]));
-    for (const h of hops) out.get(String(h.from)).push(String(h.to));
+    const preds = new Map(nodes.map((n) => [n, []]));
+    for (const h of hops) {
+      out.get(String(h.from)).push(String(h.to));
+      preds.get(String(h.to)).push(String(h.from));
+    }
     // Depth-first order; edges back into the current path (cycles) are ignored.
-    const state = new Map();
+    const seen = new Set();
     const order = [];
     const visit = (n) => {
-      state.set(n, 1);
-      for (const m of out.get(n)) if (!state.has(m)) visit(m);
-      state.set(n, 2);
+      seen.add(n);
+      for (const m of out.get(n)) if (!seen.has(m)) visit(m);
       order.push(n);
     };
     const incoming = new Set(hops.map((h) => String(h.to)));
-    for (const n of nodes) if (!incoming.has(n) && !state.has(n)) visit(n);
-    for (const n of nodes) if (!state.has(n)) visit(n);
+    for (const n of nodes) if (!incoming.has(n) && !seen.has(n)) visit(n);
+    for (const n of nodes) if (!seen.has(n)) visit(n);
     order.reverse();
     const pos = new Map(order.map((n, i) => [n, i]));
     const depth = new Map(nodes.map((n) => [n, 0]));
@@ -931,81 +968,126 @@
         if (pos.get(m) > pos.get(n)) depth.set(m, Math.max(depth.get(m), depth.get(n) + 1));
       }
     }
-    const FONT_B = '600 12px system-ui, sans-serif';
-    const boxW = Math.min(230, Math.max(110, ...nodes.map((n) => textWidth(n, FONT_B) + 26)));
-    const boxH = 36;
-    const hopLines = (h) => [cut(h.label, 44), [h.count != null ? fmtNum(h.count) + '×' : null, h.p50_ms != null ? 'p50 ' + fmtMs(h.p50_ms) : null,
-      h.p99_ms != null ? 'p99 ' + fmtMs(h.p99_ms) : null].filter(Boolean).join(' · ')];
-    const widest = Math.max(0, ...hops.map((h) => Math.max(...hopLines(h).map((l) => textWidth(l, '11px system-ui, sans-serif')))));
-    const gapX = Math.min(380, Math.max(150, widest + 36));
-    const gapY = 46;
     const cols = new Map();
     for (const n of order) {
       const d = depth.get(n);
       if (!cols.has(d)) cols.set(d, []);
       cols.get(d).push(n);
     }
-    const xy = new Map();
-    let maxRows = 0;
-    for (const [d, list] of cols) {
-      maxRows = Math.max(maxRows, list.length);
-      list.forEach((n, i) => xy.set(n, [24 + d * (boxW + gapX), 40 + i * (boxH + gapY)]));
+    const depths = Array.from(cols.keys()).sort((a, b) => a - b);
+    const row = new Map();
+    for (const d of depths) {
+      const list = cols.get(d);
+      const bary = (n) => {
+        const r = preds.get(n).filter((p) => depth.get(p) < d && row.has(p)).map((p) => row.get(p));
+        return r.length ? r.reduce((a, b) => a + b, 0) / r.length : Infinity;
+      };
+      const keyed = list.map((n, i) => [bary(n), i, n]);
+      keyed.sort((a, b) => (a[0] === b[0] ? a[1] - b[1] : a[0] === Infinity ? 1 : b[0] === Infinity ? -1 : a[0] - b[0]));
+      cols.set(d, keyed.map((k) => k[2]));
+      cols.get(d).forEach((n, i) => row.set(n, i));
     }
-    const nCols = Math.max(...Array.from(cols.keys())) + 1;
-    const baseH = 40 + maxRows * (boxH + gapY);
-    const hasBack = hops.some((h) => depth.get(String(h.to)) <= depth.get(String(h.from)));
-    const W = 48 + nCols * boxW + (nCols - 1) * gapX;
-    const H = baseH + (hasBack ? 80 : 10);
-    const s = svg('svg', { id: 'flow-diagram', 'data-testid': 'flow-diagram', width: W, height: H, viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': 'data-flow graph' });
-    const pairCount = new Map();
-    const labels = [];
+
+    // One arrow per pair of boxes; its label lists every hop on it.
+    const FONT = '11px system-ui, sans-serif';
+    const stat = (h) => [h.count > 1 ? fmtNum(h.count) + '×' : null, h.p50_ms != null ? 'p50 ' + fmtMs(h.p50_ms) : null,
+      h.p99_ms != null ? 'p99 ' + fmtMs(h.p99_ms) : null].filter(Boolean).join(' · ');
+    const pairs = new Map();
     for (const h of hops) {
-      const from = String(h.from);
-      const to = String(h.to);
-      const [fx, fy] = xy.get(from);
-      const [tx, ty] = xy.get(to);
-      const key = from + '\u0000' + to;
-      const k = pairCount.get(key) || 0;
-      pairCount.set(key, k + 1);
-      let d;
-      let lx;
-      let ly;
-      let end;
-      let angle;
-      if (depth.get(to) > depth.get(from)) {
-        const x1 = fx + boxW;
-        const y1 = fy + boxH / 2;
-        const x2 = tx - 2;
-        const y2 = ty + boxH / 2;
-        const c = Math.max(40, (x2 - x1) / 2);
-        d = 'M' + x1 + ',' + y1 + ' C' + (x1 + c) + ',' + y1 + ' ' + (x2 - c) + ',' + y2 + ' ' + x2 + ',' + y2;
-        lx = (x1 + x2) / 2;
-        // Above the arrow; a second hop between the same boxes goes higher.
-        ly = (y1 + y2) / 2 - 20 - k * 28;
-        end = [x2, y2];
-        angle = 0;
-      } else {
-        const x1 = fx + boxW / 2 + 10;
-        const y1 = fy + boxH;
-        const x2 = tx + boxW / 2 - 10;
-        const y2 = ty + boxH + 2;
-        const low = baseH + 30 + k * 10;
-        d = 'M' + x1 + ',' + y1 + ' C' + x1 + ',' + low + ' ' + x2 + ',' + low + ' ' + x2 + ',' + y2;
-        lx = (x1 + x2) / 2 + (x1 === x2 ? 60 : 0);
-        ly = low + 14;
-        end = [x2, y2];
-        angle = -Math.PI / 2;
-      }
-      s.appendChild(svg('path', { class: 'edgepath', d: d }, svg('title', { text: from + ' → ' + to + ': ' + (h.label || '') })));
-      s.appendChild(arrowHead(end[0], end[1], angle, false));
-      const [line1, line2] = hopLines(h);
-      labels.push([lx, ly, line1, line2]);
+      const key = String(h.from) + '\u0000' + String(h.to);
+      if (!pairs.has(key)) pairs.set(key, { from: String(h.from), to: String(h.to), hops: [] });
+      pairs.get(key).hops.push(h);
     }
-    for (const [lx, ly, line1, line2] of labels) {
-      const w = Math.max(textWidth(line1, '11px system-ui, sans-serif'), textWidth(line2, '11px system-ui, sans-serif')) + 10;
-      s.appendChild(svg('rect', { class: 'edgelabel-bg', x: lx - w / 2, y: ly - 11, width: w, height: line2 ? 27 : 15, rx: 3 }));
-      s.appendChild(svg('text', { class: 'edgelabel', x: lx, y: ly, 'text-anchor': 'middle', text: line1 }));
-      if (line2) s.appendChild(svg('text', { class: 'edgelabel', x: lx, y: ly + 12, 'text-anchor': 'middle', text: line2 }));
+    const edges = Array.from(pairs.values());
+    for (const e of edges) {
+      e.lines = e.hops.slice(0, 4).map((h) => cut(h.label, 34) + '  ' + stat(h));
+      if (e.hops.length > 4) e.lines.push('+' + (e.hops.length - 4) + ' more');
+      e.w = Math.max(...e.lines.map((l) => textWidth(l, FONT))) + 10;
+      e.h = e.lines.length * 13 + 4;
+      e.forward = depth.get(e.to) > depth.get(e.from);
+    }
+
+    const FONT_B = '600 12px system-ui, sans-serif';
+    const boxW = Math.min(230, Math.max(110, ...nodes.map((n) => textWidth(n, FONT_B) + 26)));
+    const boxH = 36;
+    const gapY = 44;
+    const widest = Math.max(0, ...edges.filter((e) => e.forward).map((e) => e.w));
+    const gapX = Math.min(420, Math.max(140, widest + 40));
+    const maxRows = Math.max(...depths.map((d) => cols.get(d).length));
+    const colH = (k) => k * (boxH + gapY) - gapY;
+    const top = 30;
+    const xy = new Map();
+    for (const d of depths) {
+      const list = cols.get(d);
+      const y0 = top + (colH(maxRows) - colH(list.length)) / 2;
+      list.forEach((n, i) => xy.set(n, [24 + d * (boxW + gapX), y0 + i * (boxH + gapY)]));
+    }
+    const nCols = depths[depths.length - 1] + 1;
+    const baseH = top + colH(maxRows) + 20;
+    const backs = edges.filter((e) => !e.forward);
+    const W = 48 + nCols * boxW + (nCols - 1) * gapX;
+    const H = baseH + (backs.length ? 40 + backs.length * 12 + Math.max(0, ...backs.map((e) => e.h)) : 0);
+    const s = svg('svg', { id: 'flow-diagram', 'data-testid': 'flow-diagram', width: W, height: H, viewBox: '0 0 ' + W + ' ' + H, role: 'img', 'aria-label': 'data-flow graph' });
+
+    const bez = (p, t) => {
+      const u = 1 - t;
+      return [0, 1].map((i) => u * u * u * p[0][i] + 3 * u * u * t * p[1][i] + 3 * u * t * t * p[2][i] + t * t * t * p[3][i]);
+    };
+    let backIndex = 0;
+    for (const e of edges) {
+      const [fx, fy] = xy.get(e.from);
+      const [tx, ty] = xy.get(e.to);
+      if (e.forward) {
+        const a = [fx + boxW, fy + boxH / 2];
+        const b = [tx - 2, ty + boxH / 2];
+        const c = Math.max(40, (b[0] - a[0]) / 2);
+        e.curve = [a, [a[0] + c, a[1]], [b[0] - c, b[1]], b];
+      } else {
+        const low = baseH + 14 + backIndex++ * 12;
+        const a = [fx + boxW / 2 + 10, fy + boxH];
+        const b = [tx + boxW / 2 - 10, ty + boxH + 2];
+        e.curve = [a, [a[0], low], [b[0], low], b];
+      }
+      const p = e.curve;
+      const d = 'M' + p[0].join(',') + ' C' + p[1].join(',') + ' ' + p[2].join(',') + ' ' + p[3].join(',');
+      s.appendChild(svg('path', { class: 'edgepath', d: d }, svg('title', { text: e.from + ' → ' + e.to + '\n' + e.hops.map((h) => h.label + '  ' + stat(h)).join('\n') })));
+      const angle = Math.atan2(p[3][1] - p[2][1], p[3][0] - p[2][0]);
+      s.appendChild(arrowHead(p[3][0], p[3][1], angle, false));
+    }
+
+    // Labels: the first spot along the curve that overlaps no box and no label.
+    const taken = nodes.map((n) => {
+      const [x, y] = xy.get(n);
+      return [x - 4, y - 4, boxW + 8, boxH + 8];
+    });
+    const overlap = (r) => taken.reduce((sum, q) => {
+      const w = Math.min(r[0] + r[2], q[0] + q[2]) - Math.max(r[0], q[0]);
+      const h = Math.min(r[1] + r[3], q[1] + q[3]) - Math.max(r[1], q[1]);
+      return sum + (w > 0 && h > 0 ? w * h : 0);
+    }, 0);
+    const spots = [0.5, 0.42, 0.58, 0.34, 0.66, 0.26, 0.74, 0.2, 0.8, 0.14, 0.86];
+    edges.sort((a, b) => b.lines.length - a.lines.length);
+    for (const e of edges) {
+      let best = null;
+      let bestOverlap = Infinity;
+      // Along the curve first, then just above or below it.
+      const tries = [];
+      for (const dy of [0, -(e.h + 2), e.h + 2]) for (const t of spots) tries.push([t, dy]);
+      for (const [t, dy] of tries) {
+        const [cx, cy] = bez(e.curve, t);
+        const r = [cx - e.w / 2, cy - e.h / 2 + dy, e.w, e.h];
+        const o = overlap(r);
+        if (o < bestOverlap) {
+          best = r;
+          bestOverlap = o;
+        }
+        if (o === 0) break;
+      }
+      taken.push(best);
+      s.appendChild(svg('rect', { class: 'edgelabel-bg', x: best[0], y: best[1], width: best[2], height: best[3], rx: 3 }));
+      e.lines.forEach((l, i) => {
+        s.appendChild(svg('text', { class: 'edgelabel', x: best[0] + best[2] / 2, y: best[1] + 13 + i * 13, 'text-anchor': 'middle', text: l }));
+      });
     }
     for (const n of nodes) {
       const [x, y] = xy.get(n);
@@ -1055,10 +1137,12 @@
         detailBox.appendChild(el('div', { class: 'unavailable', text: 'No traced requests yet.' }));
         return;
       }
-      const hops = arrayOf(ep, ['hops']).filter((h) => h && h.from != null && h.to != null);
+      const hideDb = $('#flows-hide-stores').checked;
+      const hops = arrayOf(ep, ['hops']).filter((h) => h && h.from != null && h.to != null &&
+        !(hideDb && (kindOf(h.from) === 'store' || kindOf(h.to) === 'store')));
       const card = el('div', { class: 'detail flow-card', 'data-endpoint': ep.endpoint });
       card.appendChild(el('h2', { text: ep.endpoint }));
-      if (hops.length) card.appendChild(el('div', { class: 'diagram-wrap' }, drawFlow(hops)));
+      if (hops.length) card.appendChild(el('div', { class: 'diagram-wrap' }, fit(drawFlow(hops), $('#flows-fit').checked)));
       else card.appendChild(el('p', { class: 'muted', text: 'No hops recorded for this endpoint.' }));
       const table = el('table', { class: 'grid', id: 'flows-table' },
         el('thead', {}, el('tr', {}, ['from', 'to', 'label', 'count', 'p50', 'p99'].map((h) => el('th', { class: ['count', 'p50', 'p99'].includes(h) ? 'num' : null, text: h })))),
@@ -1075,6 +1159,8 @@
     }
 
     select.addEventListener('change', render);
+    $('#flows-hide-stores').addEventListener('change', render);
+    $('#flows-fit').addEventListener('change', render);
     $('#flows-refresh').addEventListener('click', load);
     return { show: load };
   })();
@@ -1248,8 +1334,11 @@
         const r = (await api('/api/v1/admin/audit/verify')) || {};
         const findings = arrayOf(r, ['findings']);
         const ok = findings.length === 0 && r.ok !== false && r.valid !== false;
-        const checked = r.checked != null ? r.checked : r.entries != null ? r.entries : r.count;
-        st.textContent = ok ? '✓ chain intact' + (checked != null ? ' (' + checked + ' entries checked)' : '') : '✗ ' + findings.length + ' finding(s)';
+        const checked = [r.records, r.checked, r.entries, r.count].find((v) => typeof v === 'number');
+        const head = r.head_hash ? ' · head #' + r.head_seq + ' ' + String(r.head_hash).slice(0, 12) + '…' : '';
+        st.textContent = (ok ? '✓ chain intact' : '✗ ' + findings.length + ' finding(s)') +
+          (checked != null ? ' · ' + checked + ' records checked' : '') + head;
+        st.title = r.head_hash || '';
         st.className = 'status ' + (ok ? 'live' : 'paused');
         st.setAttribute('data-ok', ok ? 'true' : 'false');
         if (findings.length) {
