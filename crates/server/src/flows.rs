@@ -156,6 +156,7 @@ pub fn sequence(spans: &[SpanRecord]) -> Diagram {
         });
     };
     let mut replies: Vec<(i64, Message)> = Vec::new();
+    let mut started: Vec<String> = Vec::new();
     for s in &spans {
         let at = s.start_us;
         let db = |who: &str| -> Option<(String, String)> {
@@ -252,6 +253,16 @@ pub fn sequence(spans: &[SpanRecord]) -> Diagram {
             "saga.step" => {
                 let saga = format!("saga {}", attr(s, "saga"));
                 let to = actor(s);
+                if !started.contains(&saga) {
+                    // Who started it: the span that recorded the saga row.
+                    if let Some(p) = s.parent_id.as_deref().and_then(|p| by_id.get(p)) {
+                        let from = owner(p);
+                        see(&from);
+                        see(&saga);
+                        push(from, saga.clone(), format!("start {saga}"), false, at, 0);
+                    }
+                    started.push(saga.clone());
+                }
                 see(&saga);
                 see(&to);
                 let label = format!(
@@ -556,6 +567,53 @@ mod tests {
         assert_eq!(handle.p50_ms, 5.0);
         assert_eq!(handle.p99_ms, 10.0);
         assert!(s[0].mermaid.starts_with("flowchart LR\n"));
+    }
+
+    #[test]
+    fn a_saga_is_started_by_the_span_that_recorded_it() {
+        let spans = vec![
+            span(
+                "r",
+                None,
+                "request",
+                0,
+                5_000,
+                json!({"method": "POST", "route": "/api/v1/orders", "status": 202}),
+            ),
+            span(
+                "s1",
+                Some("r"),
+                "saga.step",
+                6_000,
+                2_000,
+                json!({"saga": "order.place", "step": "reserve_stock", "phase": "do", "attempt": 1, "status": "ok"}),
+            ),
+            span(
+                "s2",
+                Some("r"),
+                "saga.step",
+                9_000,
+                1_000,
+                json!({"saga": "order.place", "step": "charge_payment", "phase": "do", "attempt": 1, "status": "ok"}),
+            ),
+        ];
+        let d = sequence(&spans);
+        let arrows: Vec<(&str, &str, &str)> = d
+            .messages
+            .iter()
+            .map(|m| (m.from.as_str(), m.to.as_str(), m.label.as_str()))
+            .collect();
+        assert_eq!(
+            arrows[3],
+            ("orders", "saga order.place", "start saga order.place")
+        );
+        assert_eq!(arrows[4].0, "saga order.place");
+        assert_eq!(arrows[4].1, "inventory");
+        assert_eq!(arrows[5].1, "payments");
+        assert_eq!(
+            arrows.iter().filter(|a| a.2.starts_with("start")).count(),
+            1
+        );
     }
 
     #[test]
