@@ -101,13 +101,26 @@ const SECRET_KEYS: &[&str] = &[
     "card_number",
     "authorization",
     "api_key",
+    "api-key",
+    "apikey",
+    "cookie",
+    "cardnumber",
+    "credential",
+    "private_key",
 ];
 
-/// Replaces secret-looking fields (card tokens, passwords…) at any depth.
+/// Replaces secret-looking fields (card tokens, passwords…) at any depth,
+/// and runs every string through the log redactor (emails masked; bearer
+/// tokens, JWTs and card numbers inside free text removed).
 pub fn redact(v: &mut Value) {
     match v {
         Value::Object(m) => redact_map(m),
         Value::Array(a) => a.iter_mut().for_each(redact),
+        Value::String(s) => {
+            if let std::borrow::Cow::Owned(r) = flowline_telemetry::redact::redact(s) {
+                *s = r;
+            }
+        }
         _ => {}
     }
 }

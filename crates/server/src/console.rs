@@ -191,7 +191,7 @@ pub async fn events(
     } else {
         limit
     };
-    let topics = state.log.topics().await?;
+    let topics = cached_topics(&state.log).await?;
     let mut items: Vec<RecordedEvent> = Vec::new();
     let mut next = Cursor::default();
     let mut truncated = false;
@@ -253,6 +253,25 @@ pub async fn events(
         "truncated": truncated,
         "topics": topics,
     })))
+}
+
+/// The topic list with its counts, at most 5 s old: counting a topic's
+/// events scans it, and every open console polls this each second.
+async fn cached_topics(
+    log: &flowline_store::EventLog,
+) -> Result<Vec<flowline_store::TopicStats>, flowline_store::StoreError> {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    type Cached = Option<(Instant, Vec<flowline_store::TopicStats>)>;
+    static CACHE: Mutex<Cached> = Mutex::new(None);
+    if let Some((at, t)) = &*CACHE.lock().unwrap_or_else(|e| e.into_inner()) {
+        if at.elapsed() < Duration::from_secs(5) {
+            return Ok(t.clone());
+        }
+    }
+    let topics = log.topics().await?;
+    *CACHE.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), topics.clone()));
+    Ok(topics)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -80,6 +80,11 @@ async fn embedded(mut settings: Settings, opts: Options) -> anyhow::Result<()> {
     }
     settings.data_dir = dir.clone();
     settings.telemetry.traces = true;
+    // Self-contained whatever flowline.toml says: a demo must never write its
+    // users and orders into a real deployment's database, bus or cache.
+    settings.database.url = "sqlite://".into();
+    settings.bus.url = "embedded".into();
+    settings.cache.url = "memory".into();
     let result = serve_and_drive(settings, &dir).await;
     if opts.keep {
         println!("data dir kept: {}", dir.display());

@@ -251,13 +251,16 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
             status,
         })
         .inc();
-    state.samples.push(
-        &method,
-        &route,
-        status,
-        elapsed,
-        flowline_core::Timestamp::now(),
-    );
+    // Latency samples for analytics: not the console's own polling, and a
+    // made-up method is one key, not one per spelling.
+    if !untraced {
+        let m = match method.as_str() {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => method.as_str(),
+            _ => "OTHER",
+        };
+        let now = flowline_core::Timestamp::now();
+        state.samples.push(m, &route, status, elapsed, now);
+    }
     state
         .metrics
         .latency

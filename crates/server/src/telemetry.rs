@@ -23,7 +23,11 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let writer = RedactingWriter::new(std::io::stderr);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    // No ANSI colours: escape codes between a field's name and its value
+    // would hide `password=…` from the redactor.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(writer);
     let fmt = if json {
         fmt.json()
             .flatten_event(true)

@@ -16,6 +16,7 @@ use flowline_http::{ApiError, ApiQuery, ProblemDoc};
 use flowline_store::{on_pool, on_tx, Db, EventLog, Migration, StoreError};
 use flowline_telemetry::SpanRecord;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -167,56 +168,99 @@ impl TraceStore {
         .fetch_all(p)
         .await
         })?;
-        let mut out = Vec::new();
+        let mut roots: Vec<SpanRecord> = Vec::new();
         for r in rows {
             let s = span_of(r)?;
-            let attr = |k: &str| s.attrs.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-            let corr = attr("correlation_id");
-            if correlation_id.is_some_and(|c| corr.as_deref() != Some(c)) {
+            let attr = |k: &str| s.attrs.get(k).and_then(|v| v.as_str());
+            if correlation_id.is_some_and(|c| attr("correlation_id") != Some(c))
+                || route.is_some_and(|r| attr("route") != Some(r))
+                || roots.iter().any(|t| t.trace_id == s.trace_id)
+            {
                 continue;
             }
-            let route_of = attr("route").unwrap_or_default();
-            if route.is_some_and(|r| r != route_of) {
-                continue;
-            }
-            if out.iter().any(|t: &TraceSummary| t.trace_id == s.trace_id) {
-                continue;
-            }
-            let (n, end): (i64, Option<i64>) = on_pool!(&self.db, |p| {
-                sqlx::query_as(
-                "SELECT COUNT(*), MAX(start_us + duration_us) FROM trace_spans WHERE trace_id = $1"
-            )
-            .bind(&s.trace_id)
-            .fetch_one(p)
-            .await
-            })?;
-            out.push(TraceSummary {
-                root: format!("{} {}", attr("method").unwrap_or_default(), route_of),
-                status: s.attrs.get("status").and_then(|v| v.as_i64()),
-                correlation_id: corr,
-                started_at: Timestamp::from_micros(s.start_us),
-                duration_ms: ((end.unwrap_or(s.start_us + s.duration_us) - s.start_us) as f64
-                    / 10.0)
-                    .round()
-                    / 100.0,
-                spans: n,
-                trace_id: s.trace_id,
-            });
-            if out.len() as i64 >= limit {
+            roots.push(s);
+            if roots.len() as i64 >= limit {
                 break;
             }
         }
-        Ok(out)
+        // Span counts and ends of all of them, a query per 500 traces.
+        let ids: Vec<&str> = roots.iter().map(|s| s.trace_id.as_str()).collect();
+        let mut sizes: HashMap<String, (i64, Option<i64>)> = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT trace_id, COUNT(*), MAX(start_us + duration_us) FROM trace_spans
+                 WHERE trace_id IN ({}) GROUP BY trace_id",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<(String, i64, Option<i64>)> = on_pool!(&self.db, |p| {
+                let mut q = sqlx::query_as(&sql);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(p).await
+            })?;
+            sizes.extend(rows.into_iter().map(|(id, n, end)| (id, (n, end))));
+        }
+        Ok(roots
+            .into_iter()
+            .map(|s| {
+                let attr = |k: &str| s.attrs.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+                let (n, end) = sizes.get(&s.trace_id).copied().unwrap_or((1, None));
+                let end = end.unwrap_or(s.start_us + s.duration_us);
+                TraceSummary {
+                    root: format!(
+                        "{} {}",
+                        attr("method").unwrap_or_default(),
+                        attr("route").unwrap_or_default()
+                    ),
+                    status: s.attrs.get("status").and_then(|v| v.as_i64()),
+                    correlation_id: attr("correlation_id"),
+                    started_at: Timestamp::from_micros(s.start_us),
+                    duration_ms: ((end - s.start_us) as f64 / 10.0).round() / 100.0,
+                    spans: n,
+                    trace_id: s.trace_id,
+                }
+            })
+            .collect())
     }
 
-    /// The spans of the `limit` most recent request traces (for the summary).
+    /// The spans of the `limit` most recent request traces (for the summary),
+    /// a query per 500 traces.
     pub async fn recent_traces(&self, limit: i64) -> Result<Vec<Vec<SpanRecord>>, StoreError> {
-        let mut out = Vec::new();
-        for t in self.recent(limit, None, None).await? {
-            out.push(self.spans(&t.trace_id).await?);
+        let recent = self.recent(limit, None, None).await?;
+        let ids: Vec<&str> = recent.iter().map(|t| t.trace_id.as_str()).collect();
+        let mut by_trace: HashMap<String, Vec<SpanRecord>> = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT trace_id, span_id, parent_id, name, start_us, duration_us, attrs, db_calls, db_us
+                 FROM trace_spans WHERE trace_id IN ({}) ORDER BY start_us, seq",
+                placeholders(chunk.len())
+            );
+            let rows: Vec<SpanRow> = on_pool!(&self.db, |p| {
+                let mut q = sqlx::query_as(&sql);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(p).await
+            })?;
+            for r in rows {
+                let s = span_of(r)?;
+                by_trace.entry(s.trace_id.clone()).or_default().push(s);
+            }
         }
-        Ok(out)
+        Ok(recent
+            .iter()
+            .filter_map(|t| by_trace.remove(&t.trace_id))
+            .collect())
     }
+}
+
+/// `$1, $2, …` (both drivers accept `$n`).
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn span_of(r: SpanRow) -> Result<SpanRecord, StoreError> {

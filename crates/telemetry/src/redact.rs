@@ -14,24 +14,33 @@ use std::borrow::Cow;
 use std::io::Write;
 use tracing_subscriber::fmt::MakeWriter;
 
+/// Secret field names. A name also matches as the last part of a longer one
+/// (`db_password`, `session_token`, `x-api-key`), not as the first
+/// (`tokens_issued`, `token_type`).
 const SECRET_KEYS: &[&str] = &[
     "password",
-    "new_password",
-    "current_password",
     "passwd",
     "secret",
+    "secret_key",
+    "private_key",
     "token",
-    "access_token",
-    "refresh_token",
-    "id_token",
     "authorization",
     "cookie",
     "api_key",
+    "api-key",
+    "apikey",
+    "credential",
+    "credentials",
     "card_number",
+    "cardnumber",
     "pan",
     "cvv",
     "cvc",
 ];
+
+/// Keys whose unquoted value is a whole header value (`Basic abc`,
+/// `a=1; b=2`), not one word.
+const WHOLE_VALUE_KEYS: &[&str] = &["authorization", "cookie"];
 
 /// The line with PII and secrets removed (borrowed when nothing matched).
 pub fn redact(line: &str) -> Cow<'_, str> {
@@ -120,15 +129,21 @@ fn secret_fields(s: &str) -> Option<String> {
             let k0 = from + pos;
             let k1 = k0 + key.len();
             from = k1;
-            // A whole key, not part of a longer word (`tokens_issued`).
+            // A whole key or the last part of one (`db_password`), not
+            // the start of a longer word (`tokens_issued`, `token_type`).
             let before = k0.checked_sub(1).map(|i| bytes[i]);
             let after = bytes.get(k1).copied();
-            let word = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if word(before) || word(after) {
+            if before.is_some_and(|b| b.is_ascii_alphanumeric())
+                || after.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
                 continue;
             }
             let mut j = k1;
-            if bytes.get(j) == Some(&b'"') {
+            // The key's closing quote: `"` in JSON, `\"` inside a JSON string.
+            let escaped = bytes.get(j) == Some(&b'\\') && bytes.get(j + 1) == Some(&b'"');
+            if escaped {
+                j += 2;
+            } else if matches!(bytes.get(j), Some(b'"') | Some(b'\'')) {
                 j += 1;
             }
             while bytes.get(j) == Some(&b' ') {
@@ -141,7 +156,12 @@ fn secret_fields(s: &str) -> Option<String> {
             while bytes.get(j) == Some(&b' ') {
                 j += 1;
             }
-            let (v0, v1) = if bytes.get(j) == Some(&b'"') {
+            let (v0, v1) = if bytes.get(j) == Some(&b'\\') && bytes.get(j + 1) == Some(&b'"') {
+                // A value quoted inside a JSON string: up to the next `\"`.
+                let from = j + 2;
+                let e = s[from..].find("\\\"").map_or(s.len(), |p| from + p);
+                (from, e)
+            } else if bytes.get(j) == Some(&b'"') {
                 // A quoted value, with JSON escapes.
                 let mut e = j + 1;
                 while e < bytes.len() && bytes[e] != b'"' {
@@ -149,8 +169,14 @@ fn secret_fields(s: &str) -> Option<String> {
                 }
                 (j + 1, e.min(bytes.len()))
             } else {
+                // Unquoted: one word, or a whole header value; never past
+                // the quote or line end that closes the surrounding text.
+                let whole = WHOLE_VALUE_KEYS.contains(key);
                 let mut e = j;
-                while e < bytes.len() && !matches!(bytes[e], b' ' | b',' | b'}' | b'&' | b';') {
+                while e < bytes.len()
+                    && !matches!(bytes[e], b'"' | b'\\' | b'\r' | b'\n')
+                    && (whole || !matches!(bytes[e], b' ' | b',' | b'}' | b'&' | b';'))
+                {
                     e += 1;
                 }
                 (j, e)
@@ -368,6 +394,32 @@ mod tests {
             redact(r#"{"password":"with \"quote\" inside","n":1}"#),
             r#"{"password":"[REDACTED]","n":1}"#
         );
+    }
+
+    #[test]
+    fn prefixed_names_escaped_json_and_header_values() {
+        assert_eq!(
+            redact(
+                r#"{"db_password":"p1","client_secret":"s2","x-api-key":"k3","token_type":"Bearer"}"#
+            ),
+            r#"{"db_password":"[REDACTED]","client_secret":"[REDACTED]","x-api-key":"[REDACTED]","token_type":"Bearer"}"#
+        );
+        // JSON inside a JSON string (a logged body or `?value`).
+        assert_eq!(
+            redact(r#"{"message":"body {\"password\":\"hunter22\",\"n\":1}"}"#),
+            r#"{"message":"body {\"password\":\"[REDACTED]\",\"n\":1}"}"#
+        );
+        // A query string inside a JSON string keeps the line valid JSON.
+        assert_eq!(
+            redact(r#"{"msg":"GET /x?refresh_token=abc","status":200}"#),
+            r#"{"msg":"GET /x?refresh_token=[REDACTED]","status":200}"#
+        );
+        // Header values go whole, and never swallow the next line.
+        assert_eq!(
+            redact("authorization: Basic dXNlcjpwYXNz\nnext line"),
+            "authorization: [REDACTED]\nnext line"
+        );
+        assert_eq!(redact("cookie=a=1; b=2\nx"), "cookie=[REDACTED]\nx");
     }
 
     #[test]

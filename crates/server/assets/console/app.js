@@ -297,7 +297,7 @@
   }
 
   function selectTab(name) {
-    if (!tabs[name]) name = 'events';
+    if (!Object.hasOwn(tabs, name)) name = 'events';
     if (currentTab === name) return;
     if (currentTab && tabs[currentTab].hide) tabs[currentTab].hide();
     currentTab = name;
