@@ -37,7 +37,8 @@ pub const ALL: &str = "all";
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// The built-in jobs, with the config's watermark and lateness settings.
+/// The built-in jobs, with the config's watermark, idleness and lateness
+/// settings.
 pub fn builtin_jobs(cfg: &AnalyticsConfig) -> Vec<Job> {
     let job = |name, description, window, aggregate, extract| Job {
         name,
@@ -47,6 +48,7 @@ pub fn builtin_jobs(cfg: &AnalyticsConfig) -> Vec<Job> {
         extract,
         out_of_orderness: cfg.out_of_orderness,
         allowed_lateness: cfg.allowed_lateness,
+        idle_timeout: cfg.idle_timeout,
     };
     vec![
         job(

@@ -4,11 +4,14 @@
 //! The caller holds the job's row lock (taken by [`lock`]) for the whole
 //! transaction, so concurrent appliers of one job (several nodes sharing a
 //! PostgreSQL database) queue instead of interleaving, and every state change
-//! of an event commits or rolls back with its inbox claim.
+//! of an event commits or rolls back with its inbox claim — the job's
+//! per-source progress ([`Sources`]) included.
 
-use crate::job::{micros, windows_of, Element, ElementValue, Job, WindowKind};
+use crate::job::{
+    micros, windows_of, Element, ElementValue, Job, SourceMark, WindowKind, MAX_CLOCK_SKEW,
+};
 use crate::latency;
-use flowline_store::{on_tx, StoreError, Tx};
+use flowline_store::{on_pool, on_tx, Db, StoreError, Tx};
 use sqlx::Row;
 
 /// A job's progress as stored in `analytics_jobs`.
@@ -19,6 +22,135 @@ pub(crate) struct JobState {
     pub events: i64,
     pub late_applied: i64,
     pub dropped: i64,
+}
+
+/// One input source of a job, a topic partition, as stored in
+/// `analytics_sources`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Source {
+    pub topic: String,
+    pub partition: i32,
+    pub mark: SourceMark,
+}
+
+/// A job's input sources: what its watermark is computed from.
+#[derive(Debug, Clone)]
+pub(crate) struct Sources {
+    list: Vec<Source>,
+    /// When this process opened the analytics context (µs). A source counts
+    /// as active for `idle_timeout` after it whatever its stored last
+    /// element: after a restart every source's last element is old, and the
+    /// first partition the consumer catches up on must not run the watermark
+    /// ahead of the others' backlog.
+    opened_at: i64,
+}
+
+const SOURCES: &str = "SELECT topic, topic_partition, max_event_time, last_seen
+     FROM analytics_sources WHERE job = $1 ORDER BY topic, topic_partition";
+
+type SourceRow = (String, i32, i64, i64);
+
+fn source((topic, partition, max_event_time, last_seen): SourceRow) -> Source {
+    Source {
+        topic,
+        partition,
+        mark: SourceMark {
+            max_event_time,
+            last_seen,
+        },
+    }
+}
+
+impl Sources {
+    /// The job's sources, inside the transaction holding the job's lock.
+    pub(crate) async fn load(tx: &mut Tx, job: &str, opened_at: i64) -> Result<Self, StoreError> {
+        let rows: Vec<SourceRow> =
+            on_tx!(tx, |c| sqlx::query_as(SOURCES).bind(job).fetch_all(c).await)?;
+        Ok(Sources {
+            list: rows.into_iter().map(source).collect(),
+            opened_at,
+        })
+    }
+
+    /// The job's sources, for a reader.
+    pub(crate) async fn read(db: &Db, job: &str, opened_at: i64) -> Result<Self, StoreError> {
+        let rows: Vec<SourceRow> =
+            on_pool!(db, |p| sqlx::query_as(SOURCES).bind(job).fetch_all(p).await)?;
+        Ok(Sources {
+            list: rows.into_iter().map(source).collect(),
+            opened_at,
+        })
+    }
+
+    /// What the sources allow the watermark to be at `now` (see
+    /// [`Job::watermark_of`]).
+    pub(crate) fn watermark(&self, job: &Job, now: i64) -> Option<i64> {
+        let marks: Vec<SourceMark> = self
+            .list
+            .iter()
+            .map(|s| SourceMark {
+                last_seen: s.mark.last_seen.max(self.opened_at),
+                ..s.mark
+            })
+            .collect();
+        job.watermark_of(&marks, now)
+    }
+
+    /// The index of a source, added (with no event time yet) if new.
+    pub(crate) fn index(&mut self, topic: &str, partition: i32, now: i64) -> usize {
+        if let Some(i) = self
+            .list
+            .iter()
+            .position(|s| s.topic == topic && s.partition == partition)
+        {
+            return i;
+        }
+        self.list.push(Source {
+            topic: topic.to_owned(),
+            partition,
+            mark: SourceMark {
+                max_event_time: i64::MIN,
+                last_seen: now,
+            },
+        });
+        self.list.len() - 1
+    }
+
+    /// Records an element of event time `t` from source `i` at wall clock
+    /// `now`. The time counts at most `now + MAX_CLOCK_SKEW`.
+    fn observe(&mut self, i: usize, t: i64, now: i64) {
+        let t = t.min(now.saturating_add(micros(MAX_CLOCK_SKEW)));
+        let m = &mut self.list[i].mark;
+        m.max_event_time = m.max_event_time.max(t);
+        m.last_seen = now;
+    }
+
+    /// Writes source `i` back.
+    pub(crate) async fn save(&self, tx: &mut Tx, job: &str, i: usize) -> Result<(), StoreError> {
+        let s = &self.list[i];
+        on_tx!(tx, |c| sqlx::query(
+            "INSERT INTO analytics_sources (job, topic, topic_partition, max_event_time, last_seen)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (job, topic, topic_partition) DO UPDATE SET
+                max_event_time = excluded.max_event_time, last_seen = excluded.last_seen"
+        )
+        .bind(job)
+        .bind(&s.topic)
+        .bind(s.partition)
+        .bind(s.mark.max_event_time)
+        .bind(s.mark.last_seen)
+        .execute(c)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+}
+
+/// Raises `s.watermark` to what `sources` allow at `now`; never lowers it.
+pub(crate) fn advance(job: &Job, s: &mut JobState, sources: &Sources, now: i64) {
+    if let Some(w) = sources.watermark(job, now) {
+        s.watermark = Some(s.watermark.map_or(w, |old| old.max(w)));
+    }
 }
 
 /// What became of one element.
@@ -85,11 +217,14 @@ pub(crate) async fn save(tx: &mut Tx, job: &str, s: &JobState, now: i64) -> Resu
     Ok(())
 }
 
-/// Applies `el` to `job` and updates the counters and the watermark in `s`.
+/// Applies `el`, which came from source `src`, to `job` and updates the
+/// counters in `s`, the source in `sources` and the watermark.
 pub(crate) async fn apply(
     tx: &mut Tx,
     job: &Job,
     s: &mut JobState,
+    sources: &mut Sources,
+    src: usize,
     el: &Element,
     now: i64,
 ) -> Result<Fate, StoreError> {
@@ -105,16 +240,16 @@ pub(crate) async fn apply(
         }
         Fate::OnTime => s.events += 1,
     }
+    let t = el.at.as_micros();
     if fate != Fate::Dropped {
-        // The watermark follows the largest event time seen and never moves
-        // back (not even if out_of_orderness is raised between runs). A
-        // dropped element is older than the watermark and cannot move it.
-        let t = el.at.as_micros();
-        let max = s.max_event_time.map_or(t, |m| m.max(t));
-        s.max_event_time = Some(max);
-        let w = max.saturating_sub(micros(job.out_of_orderness));
-        s.watermark = Some(s.watermark.map_or(w, |old| old.max(w)));
+        s.max_event_time = Some(s.max_event_time.map_or(t, |m| m.max(t)));
     }
+    // Even a dropped element marks its source active: a source that is
+    // behind holds the watermark until it catches up. The watermark follows
+    // the slowest active source and never moves back (not even if
+    // out_of_orderness is raised between runs).
+    sources.observe(src, t, now);
+    advance(job, s, sources, now);
     Ok(fate)
 }
 

@@ -72,10 +72,31 @@ pub struct Job {
     pub aggregate: Aggregate,
     /// The key extractor.
     pub extract: Extractor,
-    /// Watermark = max event time seen − this.
+    /// Watermark = the slowest active source's max event time − this (see
+    /// [`Job::idle_timeout`]).
     pub out_of_orderness: Duration,
     /// A window stays open to late elements until watermark ≥ end + this.
     pub allowed_lateness: Duration,
+    /// A source (topic partition) that delivered nothing to the job for this
+    /// long, in processing time, no longer holds the watermark back. Zero:
+    /// every source is idle at once, so the watermark follows the newest
+    /// event time over all sources.
+    pub idle_timeout: Duration,
+}
+
+/// How far ahead of the wall clock an event time may move the watermark: a
+/// producer whose clock runs fast must not finalize every open window. The
+/// element itself still goes to the windows of its own time.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// What the watermark knows about one input source of a job (µs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SourceMark {
+    /// The source's largest event time, already capped at wall clock +
+    /// [`MAX_CLOCK_SKEW`].
+    pub max_event_time: i64,
+    /// Wall-clock time of the source's last element.
+    pub last_seen: i64,
 }
 
 pub(crate) fn micros(d: Duration) -> i64 {
@@ -108,6 +129,23 @@ impl Job {
 
     pub(crate) fn lateness_us(&self) -> i64 {
         micros(self.allowed_lateness)
+    }
+
+    /// The watermark the sources allow at wall-clock `now` (µs): the
+    /// smallest max event time over the active sources (those with an
+    /// element less than `idle_timeout` ago) − `out_of_orderness`; when every
+    /// source is idle, the largest over all of them. `None` without sources.
+    /// The caller keeps the larger of this and the stored watermark, so it
+    /// never moves back.
+    pub(crate) fn watermark_of(&self, sources: &[SourceMark], now: i64) -> Option<i64> {
+        let idle = micros(self.idle_timeout);
+        let active = sources
+            .iter()
+            .filter(|s| idle > 0 && now.saturating_sub(s.last_seen) < idle)
+            .map(|s| s.max_event_time)
+            .min();
+        let t = active.or_else(|| sources.iter().map(|s| s.max_event_time).max())?;
+        Some(t.saturating_sub(micros(self.out_of_orderness)))
     }
 
     /// Whether a window ending at `end` can no longer change.
@@ -243,6 +281,7 @@ mod tests {
             extract: |_| Ok(Vec::new()),
             out_of_orderness: Duration::from_secs(5),
             allowed_lateness: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
         };
         assert!(!job.is_final(MIN, None));
         assert!(!job.is_final(MIN, Some(2 * MIN - 1)));
@@ -256,5 +295,43 @@ mod tests {
             ..job
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn the_watermark_follows_the_slowest_active_source() {
+        const S: i64 = 1_000_000;
+        let job = Job {
+            name: "t",
+            description: "",
+            window: WindowKind::Tumbling {
+                size: Duration::from_secs(60),
+            },
+            aggregate: Aggregate::Count,
+            extract: |_| Ok(Vec::new()),
+            out_of_orderness: Duration::from_secs(5),
+            allowed_lateness: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+        };
+        let mark = |max_event_time, last_seen| SourceMark {
+            max_event_time,
+            last_seen,
+        };
+        let now = 1_000 * S;
+        assert_eq!(job.watermark_of(&[], now), None);
+        // Both active: the slower one decides.
+        let both = [mark(3 * MIN, now - S), mark(MIN, now - 29 * S)];
+        assert_eq!(job.watermark_of(&both, now), Some(MIN - 5 * S));
+        // The slow one idle for the whole timeout: it no longer holds back.
+        let one_idle = [mark(3 * MIN, now - S), mark(MIN, now - 30 * S)];
+        assert_eq!(job.watermark_of(&one_idle, now), Some(3 * MIN - 5 * S));
+        // All idle: the newest over all of them.
+        let all_idle = [mark(2 * MIN, now - 40 * S), mark(3 * MIN, now - 31 * S)];
+        assert_eq!(job.watermark_of(&all_idle, now), Some(3 * MIN - 5 * S));
+        // A zero timeout: always the newest over all sources.
+        let eager = Job {
+            idle_timeout: Duration::ZERO,
+            ..job
+        };
+        assert_eq!(eager.watermark_of(&both, now), Some(3 * MIN - 5 * S));
     }
 }

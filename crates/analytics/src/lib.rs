@@ -5,18 +5,38 @@
 //! arrival time, decides the window, so the numbers do not depend on how late
 //! or in what order the log delivers (partitions interleave freely).
 //!
-//! - Watermark: per job, the largest event time seen minus
-//!   `out_of_orderness`. A window `[start, end)` is *final* once
+//! - Watermark: tracked per input *source*, a `(topic, partition)` of the
+//!   log. Per job, each source keeps the largest event time it delivered and
+//!   the wall-clock time of its last element (`analytics_sources`). The job's
+//!   watermark is the smallest of those event times over the *active*
+//!   sources, minus `out_of_orderness`, and never moves back. The consumer
+//!   reads up to a batch of one partition before the next, and a retried
+//!   event or a backlog after a restart holds one partition back: taking the
+//!   minimum keeps a partition that runs ahead from finalizing windows the
+//!   others are still delivering into. A source that delivered nothing for
+//!   `idle_timeout` of processing time is idle and left out (it would stall
+//!   the job otherwise); when every source is idle, the largest event time
+//!   over all of them counts, so a quiet system still finalizes its windows
+//!   (readers see that without waiting for another event). For
+//!   `idle_timeout` after the process opens every known source counts as
+//!   active, so a restart's backlog is not mistaken for idleness. A source
+//!   joins when its first element arrives: one never seen cannot hold the
+//!   watermark back. An event time counts for the watermark at most
+//!   [`MAX_CLOCK_SKEW`] past the wall clock (a producer whose clock runs
+//!   ahead must not finalize everything); the element still goes to the
+//!   windows of its own time.
+//! - Windows: a window `[start, end)` is *final* once
 //!   `watermark ≥ end + allowed_lateness`. An element whose window the
 //!   watermark has passed but which is not final yet still updates it and is
 //!   counted `late_applied`; one whose windows are all final is counted
 //!   `dropped` and changes nothing (a final window never changes).
 //! - Exactly once: every state change of one event — windows, members,
-//!   latency buckets, sessions, the job's watermark and counters — commits in
-//!   one transaction with the event's inbox claim. The consumer commits its
-//!   offset after the batch, so a crash redelivers the uncommitted tail, and
-//!   the inbox turns each already-applied event into a no-op: the state is
-//!   checkpointed with the offset, nothing is lost or counted twice.
+//!   latency buckets, sessions, the job's sources, watermark and counters —
+//!   commits in one transaction with the event's inbox claim. The consumer
+//!   commits its offset after the batch, so a crash redelivers the
+//!   uncommitted tail, and the inbox turns each already-applied event into a
+//!   no-op: the state is checkpointed with the offset, nothing is lost or
+//!   counted twice.
 //!
 //! The built-in jobs are in [`builtin`]; [`routes`] is the admin API.
 
@@ -32,10 +52,12 @@ pub use builtin::{
     MESSAGES_PER_CHANNEL, MESSAGES_TOPIC, ORDERS_PER_MINUTE, ORDERS_TOPIC, REQUESTS_TOPIC,
     SESSION_DURATION,
 };
-pub use job::{Aggregate, Element, ElementValue, Extractor, Job, WindowKind, WindowSpec};
+pub use job::{
+    Aggregate, Element, ElementValue, Extractor, Job, WindowKind, WindowSpec, MAX_CLOCK_SKEW,
+};
 pub use metrics::{AnalyticsMetrics, JobLabels};
 
-use crate::engine::{Fate, JobState};
+use crate::engine::{Fate, JobState, Sources};
 use crate::job::micros;
 use flowline_core::{ErrorCode, Problem, RecordedEvent, Timestamp};
 use flowline_http::ApiError;
@@ -51,24 +73,38 @@ pub const GROUP: &str = "analytics";
 /// Everything the built-in jobs read.
 pub const TOPICS: &[&str] = &[ORDERS_TOPIC, AUDIT_TOPIC, MESSAGES_TOPIC, REQUESTS_TOPIC];
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    scope: "analytics",
-    version: 1,
-    name: "jobs, windows, sessions",
-    sqlite: include_str!("../migrations/sqlite/0001_analytics.sql"),
-    postgres: include_str!("../migrations/postgres/0001_analytics.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        scope: "analytics",
+        version: 1,
+        name: "jobs, windows, sessions",
+        sqlite: include_str!("../migrations/sqlite/0001_analytics.sql"),
+        postgres: include_str!("../migrations/postgres/0001_analytics.sql"),
+    },
+    Migration {
+        scope: "analytics",
+        version: 2,
+        name: "per-source watermarks",
+        sqlite: include_str!("../migrations/sqlite/0002_sources.sql"),
+        postgres: include_str!("../migrations/postgres/0002_sources.sql"),
+    },
+];
 
 /// Settings of the built-in jobs.
 #[derive(Debug, Clone)]
 pub struct AnalyticsConfig {
-    /// How far behind the newest event time the watermark trails (5 s).
+    /// How far behind the slowest active source's newest event time the
+    /// watermark trails (5 s).
     pub out_of_orderness: Duration,
     /// How long after the watermark passes a window it still accepts late
     /// elements (1 min).
     pub allowed_lateness: Duration,
     /// Inactivity that ends a user session (30 min).
     pub session_gap: Duration,
+    /// Processing time after which a source (topic partition) that delivered
+    /// nothing stops holding the watermark back (30 s). Zero: one watermark
+    /// for all sources, following the newest event time over all of them.
+    pub idle_timeout: Duration,
 }
 
 impl Default for AnalyticsConfig {
@@ -77,6 +113,7 @@ impl Default for AnalyticsConfig {
             out_of_orderness: Duration::from_secs(5),
             allowed_lateness: Duration::from_secs(60),
             session_gap: Duration::from_secs(30 * 60),
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -130,10 +167,12 @@ pub struct JobStats {
     pub aggregate: Aggregate,
     pub out_of_orderness_ms: i64,
     pub allowed_lateness_ms: i64,
-    /// RFC 3339; absent before the first element.
+    /// RFC 3339; absent before the first element. The slowest active
+    /// source's newest event time − out_of_orderness (every source's newest
+    /// when all are idle), never moving back.
     #[schema(value_type = Option<String>)]
     pub watermark: Option<Timestamp>,
-    /// The largest event time seen (RFC 3339).
+    /// The largest event time seen over all sources (RFC 3339).
     #[schema(value_type = Option<String>)]
     pub max_event_time: Option<Timestamp>,
     /// Elements applied (on time or late).
@@ -207,6 +246,8 @@ pub struct Analytics {
     db: Db,
     jobs: Vec<Job>,
     metrics: AnalyticsMetrics,
+    /// When this instance opened (µs): see [`engine::Sources`].
+    opened_at: i64,
 }
 
 impl Analytics {
@@ -250,6 +291,7 @@ impl Analytics {
             db,
             jobs,
             metrics: AnalyticsMetrics::default(),
+            opened_at: now,
         }))
     }
 
@@ -283,7 +325,6 @@ impl Analytics {
         if work.is_empty() {
             return Ok(Applied::default());
         }
-        let now = Timestamp::now().as_micros();
         let mut tx = self.db.begin().await?;
         if !inbox::claim(&mut tx, GROUP, e.id).await? {
             tx.rollback().await?;
@@ -299,9 +340,18 @@ impl Analytics {
         // nodes, other partitions) take the same locks in the same order.
         for (job, elements) in work {
             let mut st = engine::lock(&mut tx, job.name).await?;
+            // Read once the lock is held: idleness is judged at the same
+            // moment for everything this job does with the event.
+            let now = Timestamp::now().as_micros();
+            let mut sources = Sources::load(&mut tx, job.name, self.opened_at).await?;
+            // Sources idle since the last event may have let the watermark
+            // advance (readers already show that): it applies before this
+            // event's elements are placed.
+            engine::advance(job, &mut st, &sources, now);
+            let src = sources.index(&e.topic, ev.partition, now);
             let (mut applied, mut late, mut dropped) = (0, 0, 0);
             for el in &elements {
-                match engine::apply(&mut tx, job, &mut st, el, now).await? {
+                match engine::apply(&mut tx, job, &mut st, &mut sources, src, el, now).await? {
                     Fate::OnTime => applied += 1,
                     Fate::Late => {
                         applied += 1;
@@ -311,6 +361,7 @@ impl Analytics {
                 }
             }
             out.sessions_closed += engine::close_sessions(&mut tx, job, &st, now).await?;
+            sources.save(&mut tx, job.name, src).await?;
             engine::save(&mut tx, job.name, &st, now).await?;
             out.elements += applied;
             out.late_applied += late;
@@ -324,7 +375,17 @@ impl Analytics {
         Ok(out)
     }
 
-    async fn state(&self, job: &str) -> Result<JobState, StoreError> {
+    /// A job's stored progress, with the watermark the sources allow now
+    /// (idle ones left out): a quiet job's windows become final as its
+    /// sources go idle, before any new event arrives.
+    async fn state(&self, job: &Job) -> Result<JobState, StoreError> {
+        let mut st = self.stored_state(job.name).await?;
+        let sources = Sources::read(&self.db, job.name, self.opened_at).await?;
+        engine::advance(job, &mut st, &sources, Timestamp::now().as_micros());
+        Ok(st)
+    }
+
+    async fn stored_state(&self, job: &str) -> Result<JobState, StoreError> {
         let row = on_pool!(&self.db, |p| sqlx::query(
             "SELECT max_event_time, watermark, events, late_applied, dropped
              FROM analytics_jobs WHERE job = $1"
@@ -347,7 +408,7 @@ impl Analytics {
     /// A job's definition and stored progress.
     pub async fn job_stats(&self, job: &str) -> Result<JobStats, AnalyticsError> {
         let j = self.job(job)?;
-        let s = self.state(job).await?;
+        let s = self.state(j).await?;
         Ok(JobStats {
             name: j.name,
             description: j.description,
@@ -405,7 +466,7 @@ impl Analytics {
                 })
                 .collect());
         }
-        let st = self.state(job).await?;
+        let st = self.state(j).await?;
         type Row = (String, i64, i64, i64, i64, i64, i64, Option<i64>);
         let rows: Vec<Row> = on_pool!(&self.db, |p| sqlx::query_as(
             "SELECT window_key, window_start, window_end, elements, late_elements, sum_value,
@@ -528,7 +589,7 @@ impl Analytics {
     pub async fn prune(&self, before: Timestamp) -> Result<u64, StoreError> {
         let mut n = 0;
         for j in &self.jobs {
-            let Some(w) = self.state(j.name).await?.watermark else {
+            let Some(w) = self.state(j).await?.watermark else {
                 continue;
             };
             let before = before.as_micros();

@@ -25,7 +25,7 @@ pub struct JobList {
 }
 
 #[utoipa::path(get, path = "/api/v1/admin/analytics", tag = "analytics", security(("bearer" = [])),
-    responses((status = 200, description = "The analytics jobs: window kind, aggregate, watermark and the counts of applied, late-applied and dropped elements", body = JobList),
+    responses((status = 200, description = "The analytics jobs: window kind, aggregate, watermark (the slowest active topic partition's newest event time − out-of-orderness; the newest over all when every partition is idle) and the counts of applied, late-applied and dropped elements", body = JobList),
         (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn jobs(State(a): State<Arc<Analytics>>) -> Result<Json<JobList>, ApiError> {

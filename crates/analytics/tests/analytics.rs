@@ -2,11 +2,16 @@
 //! `FLOWLINE_TEST_POSTGRES_URL` is set (each run in its own schemas).
 //!
 //! Every expected number below is computed by hand from a fixed event set
-//! (times are 2026-11-22, UTC) with the default settings: watermark = max
-//! event time − 5 s, allowed lateness 1 min, session gap 30 min.
+//! (times are 2025-11-22, UTC: in the past, since an event time counts for the
+//! watermark at most `MAX_CLOCK_SKEW` past the wall clock) with the default
+//! settings, allowed lateness 1 min, session gap 30 min, and one watermark
+//! for all sources (`idle_timeout` zero): watermark = max event time − 5 s,
+//! in delivery order. That is what those tests are about (window arithmetic,
+//! lateness, duplicates, crashes); the per-source watermark (the default) has
+//! tests of its own, with events placed on explicit partitions.
 
 use flowline_analytics::{
-    Analytics, AnalyticsConfig, Window, ACTIVE_USERS, ALL, ENDPOINT_LATENCY, GROUP,
+    Analytics, AnalyticsConfig, JobStats, Window, ACTIVE_USERS, ALL, ENDPOINT_LATENCY, GROUP,
     LOGIN_FAILURES_PER_MINUTE, MESSAGES_PER_CHANNEL, ORDERS_PER_MINUTE, SESSION_DURATION, TOPICS,
 };
 use flowline_core::{Envelope, EventDraft, RecordedEvent, Timestamp};
@@ -54,7 +59,7 @@ fn envs() -> Vec<Env> {
 
 /// `10:00:05` (or `10:00:05.5`) on the test day.
 fn at(hms: &str) -> Timestamp {
-    Timestamp::parse_rfc3339(&format!("2026-11-22T{hms}Z")).unwrap()
+    Timestamp::parse_rfc3339(&format!("2025-11-22T{hms}Z")).unwrap()
 }
 
 fn event(topic: &str, ty: &str, key: &str, time: &str, payload: Value) -> RecordedEvent {
@@ -116,7 +121,7 @@ fn samples(time: &str, list: &[(&str, &str, f64, &str)]) -> RecordedEvent {
         .iter()
         .map(|(m, r, d, t)| {
             json!({"method": m, "route": r, "status": 200, "duration_ms": d,
-                "at": format!("2026-11-22T{t}Z")})
+                "at": format!("2025-11-22T{t}Z")})
         })
         .collect();
     event(
@@ -162,8 +167,18 @@ fn fixed_set() -> Vec<RecordedEvent> {
     ]
 }
 
+/// The defaults, but with one watermark over all sources: the fixed set's
+/// events spread over topics and partitions, and its expectations follow the
+/// newest event time over all of them.
+fn one_watermark() -> AnalyticsConfig {
+    AnalyticsConfig {
+        idle_timeout: Duration::ZERO,
+        ..AnalyticsConfig::default()
+    }
+}
+
 async fn open(db: Db) -> Arc<Analytics> {
-    Analytics::open(db, AnalyticsConfig::default())
+    Analytics::open(db, one_watermark())
         .await
         .expect("open analytics")
 }
@@ -559,7 +574,7 @@ async fn endpoint_latency_has_exact_nearest_rank_percentiles() {
 fn within_lateness() -> AnalyticsConfig {
     AnalyticsConfig {
         allowed_lateness: Duration::from_secs(3600),
-        ..AnalyticsConfig::default()
+        ..one_watermark()
     }
 }
 
@@ -683,6 +698,222 @@ async fn the_log_consumer_applies_the_set_exactly_once() {
     }
 }
 
+/// `e` as the log delivers it from partition `p` of its topic.
+fn on(p: i32, mut e: RecordedEvent) -> RecordedEvent {
+    e.partition = p;
+    e
+}
+
+/// `hh:mm:ss` of `m` minutes and `s` seconds past 10:00.
+fn ten(m: u32, s: u32) -> String {
+    format!("10:{m:02}:{s:02}")
+}
+
+/// Orders on two partitions of `orders.events` (partition 0 in BRL,
+/// partition 1 in USD, so each window shows whose elements it holds): both
+/// partitions deliver one order at 10:00, then partition 0 delivers three
+/// minutes (10:00:10 … 10:03:00, every 10 s) before partition 1 delivers its
+/// own from the same minutes (10:00:05 … 10:02:55), as the consumer does with
+/// a partition that lagged (a retried event, a backlog after a restart).
+fn partition_zero_runs_ahead() -> Vec<RecordedEvent> {
+    let mut v = vec![
+        on(0, order("p0-0", "u1", "10:00:00", 100, "BRL")),
+        on(1, order("p1-0", "u2", "10:00:01", 100, "USD")),
+    ];
+    for i in 1..=18u32 {
+        let t = ten(i / 6, i % 6 * 10);
+        v.push(on(0, order(&format!("p0-{i}"), "u1", &t, 100, "BRL")));
+    }
+    for i in 0..18u32 {
+        let t = ten(i / 6, i % 6 * 10 + 5);
+        v.push(on(1, order(&format!("p1-{}", i + 1), "u2", &t, 100, "USD")));
+    }
+    v
+}
+
+#[tokio::test]
+async fn a_partition_running_ahead_does_not_drop_the_others_on_time_events() {
+    for env in envs() {
+        let name = env.name;
+        let events = partition_zero_runs_ahead();
+        let a = Analytics::open(env.db("analytics").await, AnalyticsConfig::default())
+            .await
+            .unwrap();
+        // Partition 0 alone has reached 10:03:00, but partition 1 (at
+        // 10:00:01) holds the watermark.
+        apply_all(&a, &events[..20]).await;
+        let s = a.job_stats(ORDERS_PER_MINUTE).await.unwrap();
+        assert_eq!(s.watermark, Some(at("09:59:56")), "{name}: {s:?}");
+        assert_eq!(s.max_event_time, Some(at("10:03:00")), "{name}");
+        let mut dropped = 0;
+        let mut late = 0;
+        for e in &events[20..] {
+            let r = a.apply(e).await.unwrap();
+            dropped += r.dropped;
+            late += r.late_applied;
+        }
+        assert_eq!((dropped, late), (0, 0), "{name}: partition 1 is on time");
+        let s = a.job_stats(ORDERS_PER_MINUTE).await.unwrap();
+        assert_eq!(
+            (s.events, s.late_applied, s.dropped),
+            (38, 0, 0),
+            "{name}: {s:?}"
+        );
+        // Both caught up: min(10:03:00, 10:02:55) − 5 s.
+        assert_eq!(s.watermark, Some(at("10:02:50")), "{name}");
+        let ws = all_windows(&a, ORDERS_PER_MINUTE).await;
+        let got: Vec<(&str, String, i64, i64, bool)> = ws
+            .iter()
+            .map(|w| {
+                let start = w.start.to_rfc3339()[11..16].to_owned();
+                (w.key.as_str(), start, w.count, w.sum.unwrap(), w.is_final)
+            })
+            .collect();
+        let want = [
+            ("BRL", "10:03", 1, 100, false),
+            ("BRL", "10:02", 6, 600, false),
+            ("USD", "10:02", 6, 600, false),
+            ("BRL", "10:01", 6, 600, false),
+            ("USD", "10:01", 6, 600, false),
+            // Final: 10:01 + 1 min lateness ≤ 10:02:50.
+            ("BRL", "10:00", 6, 600, true),
+            ("USD", "10:00", 7, 700, true),
+        ];
+        let want: Vec<(&str, String, i64, i64, bool)> = want
+            .iter()
+            .map(|(k, s, c, sum, f)| (*k, s.to_string(), *c, *sum, *f))
+            .collect();
+        assert_eq!(got, want, "{name}");
+        // Redelivered, nothing changes (sources included).
+        let before = snapshot(&a).await;
+        for e in &events {
+            assert!(a.apply(e).await.unwrap().duplicate, "{name}");
+        }
+        assert_eq!(snapshot(&a).await, before, "{name}");
+
+        // The same deliveries with one watermark for all sources (the
+        // previous behaviour): partition 0 pushes it to 10:02:55, so
+        // partition 1's 10:00 minute is final (dropped) and its 10:01 minute
+        // passed (late).
+        let old = Analytics::open(env.db("analytics_one").await, one_watermark())
+            .await
+            .unwrap();
+        apply_all(&old, &events).await;
+        let s = old.job_stats(ORDERS_PER_MINUTE).await.unwrap();
+        assert_eq!(
+            (s.events, s.late_applied, s.dropped),
+            (32, 6, 6),
+            "{name}: {s:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idle_partition_stops_holding_the_watermark_and_a_quiet_job_finalizes() {
+    const IDLE: Duration = Duration::from_millis(500);
+    const PAST_IDLE: Duration = Duration::from_millis(700);
+    for env in envs() {
+        let name = env.name;
+        let cfg = AnalyticsConfig {
+            idle_timeout: IDLE,
+            ..AnalyticsConfig::default()
+        };
+        let a = Analytics::open(env.db("analytics").await, cfg)
+            .await
+            .unwrap();
+        let stats = || async { a.job_stats(ORDERS_PER_MINUTE).await.unwrap() };
+        let o =
+            |p: i32, id: &str, t: &str| on(p, order(id, "u1", t, 100, ["BRL", "USD"][p as usize]));
+        apply_all(&a, &[o(0, "a0", "10:00:00"), o(1, "b0", "10:00:01")]).await;
+        a.apply(&o(0, "a1", "10:00:30")).await.unwrap();
+        // Partition 1 is active: it holds the watermark.
+        assert_eq!(stats().await.watermark, Some(at("09:59:56")), "{name}");
+
+        // Partition 1 goes quiet; partition 0 alone moves the watermark.
+        tokio::time::sleep(PAST_IDLE).await;
+        for (m, sec) in [(1, 0), (1, 30), (2, 0), (2, 30), (3, 0)] {
+            let t = ten(m, sec);
+            a.apply(&o(0, &format!("a-{t}"), &t)).await.unwrap();
+        }
+        let s = stats().await;
+        assert_eq!(s.watermark, Some(at("10:02:55")), "{name}: {s:?}");
+        let ws = all_windows(&a, ORDERS_PER_MINUTE).await;
+        assert!(find(&ws, "BRL", "10:00:00").is_final, "{name}");
+        assert!(find(&ws, "USD", "10:00:00").is_final, "{name}");
+        assert!(!find(&ws, "BRL", "10:01:00").is_final, "{name}");
+
+        // Partition 1 comes back: an element for an open window is applied,
+        // one for a window finalized meanwhile is dropped.
+        let counts = |s: JobStats| (s.events, s.late_applied, s.dropped);
+        assert_eq!(counts(stats().await), (8, 0, 0), "{name}");
+        a.apply(&o(1, "b1", "10:02:40")).await.unwrap();
+        assert_eq!(counts(stats().await), (9, 0, 0), "{name}");
+        a.apply(&o(1, "b2", "10:00:30")).await.unwrap();
+        assert_eq!(counts(stats().await), (9, 0, 1), "{name}");
+        // Both active again: partition 1 (10:02:40) holds the watermark, which
+        // does not move back either.
+        a.apply(&o(0, "a4", "10:04:10")).await.unwrap();
+        assert_eq!(stats().await.watermark, Some(at("10:02:55")), "{name}");
+
+        // Everything quiet: with every source idle the newest event time
+        // counts, and the windows it passes become final without a new event.
+        tokio::time::sleep(PAST_IDLE).await;
+        let s = stats().await;
+        assert_eq!(s.watermark, Some(at("10:04:05")), "{name}: {s:?}");
+        let ws = all_windows(&a, ORDERS_PER_MINUTE).await;
+        assert!(find(&ws, "BRL", "10:02:00").is_final, "{name}");
+        assert!(find(&ws, "USD", "10:02:00").is_final, "{name}");
+        assert!(!find(&ws, "BRL", "10:04:00").is_final, "{name}");
+        // The next event sees the same watermark the reader showed: 10:03:30
+        // is late (its window passed) but not dropped (not final until 10:05).
+        a.apply(&o(1, "b3", "10:03:30")).await.unwrap();
+        assert_eq!(counts(stats().await), (11, 1, 1), "{name}");
+        let ws = all_windows(&a, ORDERS_PER_MINUTE).await;
+        assert_eq!(clf(find(&ws, "USD", "10:03:00")), (1, 1, false), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn an_event_time_ahead_of_the_clock_moves_the_watermark_only_to_now_plus_the_skew() {
+    for env in envs() {
+        let name = env.name;
+        let a = Analytics::open(env.db("analytics").await, AnalyticsConfig::default())
+            .await
+            .unwrap();
+        let secs = |s: i64| s * 1_000_000;
+        let at_us = |us: i64| {
+            let mut e = order(&format!("o{us}"), "u1", "10:00:00", 100, "BRL");
+            e.envelope.occurred_at = Timestamp::from_micros(us);
+            e
+        };
+        let before = Timestamp::now().as_micros();
+        // A producer an hour ahead.
+        let ahead = before + secs(3600);
+        a.apply(&at_us(ahead)).await.unwrap();
+        let after = Timestamp::now().as_micros();
+        let s = a.job_stats(ORDERS_PER_MINUTE).await.unwrap();
+        let w = s.watermark.unwrap().as_micros();
+        // now + 1 min skew − 5 s out-of-orderness, at the time of the apply.
+        assert!(
+            (before + secs(55)..=after + secs(55)).contains(&w),
+            "{name}: {s:?}"
+        );
+        assert_eq!(s.max_event_time, Some(Timestamp::from_micros(ahead)));
+        // The element itself is in the window of its own time.
+        let ws = all_windows(&a, ORDERS_PER_MINUTE).await;
+        assert_eq!(ws.len(), 1, "{name}");
+        let start = ahead.div_euclid(secs(60)) * secs(60);
+        assert_eq!((ws[0].start.as_micros(), ws[0].count), (start, 1), "{name}");
+        // An order from two seconds ago is still on time: its window ends
+        // after now − 2 s, final only at a watermark past now + 58 s.
+        a.apply(&at_us(Timestamp::now().as_micros() - secs(2)))
+            .await
+            .unwrap();
+        let s = a.job_stats(ORDERS_PER_MINUTE).await.unwrap();
+        assert_eq!((s.events, s.dropped), (2, 0), "{name}: {s:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_malformed_payload_is_a_permanent_error_and_changes_nothing() {
     let env = envs().remove(0);
@@ -774,7 +1005,7 @@ mod http {
             json!({"kind": "tumbling", "size_ms": 60000})
         );
         assert_eq!(orders["aggregate"], "sum");
-        assert_eq!(orders["watermark"], "2026-11-22T10:02:45Z");
+        assert_eq!(orders["watermark"], "2025-11-22T10:02:45Z");
         assert_eq!(
             (
                 &orders["events"],
@@ -791,7 +1022,7 @@ mod http {
 
         let (s, _, page) = get(
             &router,
-            "/api/v1/admin/analytics/orders_per_minute?key=BRL&from=2026-11-22T10:00:00Z&to=2026-11-22T10:02:00Z&limit=5",
+            "/api/v1/admin/analytics/orders_per_minute?key=BRL&from=2025-11-22T10:00:00Z&to=2025-11-22T10:02:00Z&limit=5",
         )
         .await;
         assert_eq!(s, StatusCode::OK, "{page}");
@@ -799,9 +1030,9 @@ mod http {
         assert_eq!(
             page["items"],
             json!([
-                {"key": "BRL", "start": "2026-11-22T10:01:00Z", "end": "2026-11-22T10:02:00Z",
+                {"key": "BRL", "start": "2025-11-22T10:01:00Z", "end": "2025-11-22T10:02:00Z",
                  "final": false, "count": 3, "late": 1, "sum": 2300},
-                {"key": "BRL", "start": "2026-11-22T10:00:00Z", "end": "2026-11-22T10:01:00Z",
+                {"key": "BRL", "start": "2025-11-22T10:00:00Z", "end": "2025-11-22T10:01:00Z",
                  "final": true, "count": 2, "late": 0, "sum": 3500},
             ])
         );
@@ -816,7 +1047,7 @@ mod http {
             "/api/v1/admin/analytics/active_users?limit=0",
             "/api/v1/admin/analytics/active_users?limit=many",
             "/api/v1/admin/analytics/active_users?from=yesterday",
-            "/api/v1/admin/analytics/active_users?from=2026-11-22T10:05:00Z&to=2026-11-22T10:00:00Z",
+            "/api/v1/admin/analytics/active_users?from=2025-11-22T10:05:00Z&to=2025-11-22T10:00:00Z",
             "/api/v1/admin/analytics/active_users?colour=red",
         ] {
             let (s, ct, p) = get(&router, bad).await;

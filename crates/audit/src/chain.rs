@@ -18,6 +18,10 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// Records verification reads per query.
 const PAGE: i64 = 500;
 
+/// Findings [`verify`] reports at most: a bulk edit breaks every record it
+/// touched, and one response must not carry a finding per row of the table.
+pub const MAX_FINDINGS: usize = 1000;
+
 /// What a record's hash covers, as stored.
 ///
 /// The hash is the lowercase hex SHA-256 of this encoding, in this order:
@@ -123,7 +127,7 @@ pub struct Finding {
 /// The outcome of [`verify`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct VerifyReport {
-    /// True when there are no findings.
+    /// True when the chain holds (no findings, listed or not).
     pub ok: bool,
     /// Records read.
     pub records: u64,
@@ -131,13 +135,35 @@ pub struct VerifyReport {
     pub head_seq: i64,
     /// The head row's hash: keep a copy elsewhere to detect a rewritten tail.
     pub head_hash: String,
-    /// In chain order; empty when the chain holds.
+    /// In chain order; empty when the chain holds. At most the limit
+    /// ([`MAX_FINDINGS`] for [`verify`]): the first ones found.
     pub findings: Vec<Finding>,
+    /// More findings existed than are listed (the walk still read and
+    /// counted every record).
+    pub truncated: bool,
 }
 
 impl VerifyReport {
+    /// True when the chain holds: nothing was found, listed or not.
     pub fn is_ok(&self) -> bool {
-        self.findings.is_empty()
+        self.findings.is_empty() && !self.truncated
+    }
+}
+
+/// Findings up to a limit; past it, only the fact that there were more.
+struct Findings {
+    list: Vec<Finding>,
+    max: usize,
+    truncated: bool,
+}
+
+impl Findings {
+    fn push(&mut self, f: Finding) {
+        if self.list.len() < self.max {
+            self.list.push(f);
+        } else {
+            self.truncated = true;
+        }
     }
 }
 
@@ -206,9 +232,21 @@ macro_rules! stored_row {
 /// moved, and a head that does not match the last record.
 ///
 /// Records appended while it runs (past the head it read first) are left to
-/// the next run.
+/// the next run. Lists at most [`MAX_FINDINGS`] findings (see
+/// [`verify_with_limit`]).
 pub async fn verify(db: &Db) -> Result<VerifyReport, StoreError> {
-    let mut findings = Vec::new();
+    verify_with_limit(db, MAX_FINDINGS).await
+}
+
+/// [`verify`], listing at most `max_findings` findings (the first in chain
+/// order) and setting `truncated` when there were more. Every record is
+/// still read, checked and counted in `records`.
+pub async fn verify_with_limit(db: &Db, max_findings: usize) -> Result<VerifyReport, StoreError> {
+    let mut findings = Findings {
+        list: Vec::new(),
+        max: max_findings,
+        truncated: false,
+    };
     let head: Option<(i64, String)> = on_pool!(db, |p| sqlx::query_as(
         "SELECT seq, hash FROM audit_head WHERE id = 1"
     )
@@ -330,12 +368,16 @@ pub async fn verify(db: &Db) -> Result<VerifyReport, StoreError> {
         }
     }
     let (head_seq, head_hash) = head.unwrap_or((0, String::new()));
+    let Findings {
+        list, truncated, ..
+    } = findings;
     Ok(VerifyReport {
-        ok: findings.is_empty(),
+        ok: list.is_empty() && !truncated,
         records,
         head_seq,
         head_hash,
-        findings,
+        findings: list,
+        truncated,
     })
 }
 

@@ -28,7 +28,10 @@ pub mod classify;
 mod metrics;
 pub mod routes;
 
-pub use chain::{verify, ChainFields, Finding, FindingKind, VerifyReport, GENESIS_HASH};
+pub use chain::{
+    verify, verify_with_limit, ChainFields, Finding, FindingKind, VerifyReport, GENESIS_HASH,
+    MAX_FINDINGS,
+};
 pub use classify::{is_recorded, AUDIT_TOPIC, SECURITY_USER_EVENTS, USER_TOPIC};
 pub use metrics::{AuditMetrics, RuleLabels};
 pub use routes::{routes, AuditApi};

@@ -145,7 +145,7 @@ pub async fn alerts(
 }
 
 #[utoipa::path(get, path = "/api/v1/admin/audit/verify", tag = "audit", security(("bearer" = [])),
-    responses((status = 200, description = "The chain recomputed: `ok`, the head, and every record found edited, deleted, inserted or cut off", body = VerifyReport),
+    responses((status = 200, description = "The chain recomputed: `ok`, the records read, the head, and the records found edited, deleted, inserted or cut off (the first 1000 in chain order; `truncated` when there were more)", body = VerifyReport),
         (status = 401, description = "Not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = ProblemDoc, content_type = "application/problem+json")))]
 pub async fn verify(State(audit): State<Arc<Audit>>) -> Result<Json<VerifyReport>, ApiError> {

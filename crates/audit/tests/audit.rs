@@ -3,6 +3,7 @@
 //! Events are fed to the handler as the log would deliver them; tampering is
 //! done with raw SQL, as someone with database access would.
 
+use flowline_audit::{verify_with_limit, MAX_FINDINGS};
 use flowline_audit::{
     AlertFilter, Audit, AuditConfig, AuditFilter, ChainFields, Finding, FindingKind, VerifyReport,
     ALERTS_TOPIC, ALERT_RAISED, GENESIS_HASH, GROUP, RULE_FAILED_LOGINS_ACCOUNT,
@@ -541,6 +542,59 @@ async fn a_record_added_past_the_head_is_reported() {
             "{}: {r:?}",
             env.name
         );
+        env.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_edit_report_is_capped_and_says_it_was_truncated() {
+    assert_eq!(MAX_FINDINGS, 1000);
+    for env in envs().await {
+        let name = env.name;
+        let audit = env.open(AuditConfig::default()).await;
+        feed(&audit, &stream()).await;
+        let intact = verified(&audit).await;
+        assert!(intact.is_ok() && !intact.truncated, "{name}: {intact:?}");
+        assert_eq!(serde_json::to_value(&intact).unwrap()["truncated"], false);
+
+        // Every row edited: one finding per record.
+        let n = exec(
+            &env.db,
+            r#"UPDATE audit_records SET details = '{"bulk":true}'"#,
+        )
+        .await;
+        assert_eq!(n, 7);
+        let all = verified(&audit).await;
+        assert_eq!(all.findings.len(), 7, "{name}: {all:?}");
+        assert!(!all.truncated && !all.is_ok() && !all.ok, "{name}");
+
+        // With a limit of 3 only the first three are listed, but every record
+        // is still read and counted, and the chain is still not ok.
+        let r = verify_with_limit(&env.db, 3).await.unwrap();
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (1, FindingKind::Edited),
+                (2, FindingKind::Edited),
+                (3, FindingKind::Edited)
+            ],
+            "{name}: {r:?}"
+        );
+        assert!(r.truncated && !r.is_ok() && !r.ok, "{name}");
+        assert_eq!((r.records, r.head_seq), (7, 7), "{name}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            (&json["truncated"], &json["ok"], &json["records"]),
+            (&json!(true), &json!(false), &json!(7)),
+            "{name}"
+        );
+
+        // A limit of 0 lists nothing and still says the chain does not hold.
+        let r = verify_with_limit(&env.db, 0).await.unwrap();
+        assert!(r.findings.is_empty() && r.truncated && !r.is_ok() && !r.ok);
+        // Exactly at the limit is not truncated.
+        let r = verify_with_limit(&env.db, 7).await.unwrap();
+        assert_eq!((r.findings.len(), r.truncated), (7, false), "{name}");
         env.cleanup().await;
     }
 }

@@ -309,6 +309,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 for f in &report.findings {
                     println!("seq {}: {:?}: {}", f.seq, f.kind, f.detail);
                 }
+                if report.truncated {
+                    println!(
+                        "(only the first {} findings are listed)",
+                        report.findings.len()
+                    );
+                }
                 println!(
                     "{}",
                     if report.is_ok() {

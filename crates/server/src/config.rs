@@ -472,6 +472,9 @@ pub struct AnalyticsSettings {
     pub session_gap: HumanDuration,
     /// Final windows older than this are deleted.
     pub retention: HumanDuration,
+    /// A partition with no event for this long (wall clock) stops holding
+    /// the watermark back; `0s` = one watermark over all partitions.
+    pub idle_timeout: HumanDuration,
 }
 
 impl Default for AnalyticsSettings {
@@ -481,6 +484,7 @@ impl Default for AnalyticsSettings {
             allowed_lateness: HumanDuration(Duration::from_secs(60)),
             session_gap: HumanDuration(Duration::from_secs(30 * 60)),
             retention: HumanDuration(Duration::from_secs(7 * 24 * 3600)),
+            idle_timeout: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -887,6 +891,7 @@ impl Settings {
             out_of_orderness: self.analytics.out_of_orderness.0,
             allowed_lateness: self.analytics.allowed_lateness.0,
             session_gap: self.analytics.session_gap.0,
+            idle_timeout: self.analytics.idle_timeout.0,
         }
     }
 
