@@ -696,7 +696,23 @@ impl Orchestrator {
     /// Writes `next` over `inst` if this runner still holds it, with its
     /// timeline row, events and hooks, in one transaction. Returns false when
     /// the instance was taken over meanwhile (nothing is written then).
+    /// Records a transition (and its events) as the orchestrator's own work:
+    /// a `saga.transition` span inside the step's, so what it publishes is
+    /// drawn as coming from the saga, not from the step's participant.
     async fn commit(
+        &self,
+        def: &SagaDef,
+        inst: &mut Inst,
+        next: Inst,
+        fx: Effects<'_>,
+    ) -> Result<bool, StoreError> {
+        let span = tracing::info_span!("saga.transition", saga = %def.name, saga_id = %inst.id);
+        self.commit_inner(def, inst, next, fx)
+            .instrument(span)
+            .await
+    }
+
+    async fn commit_inner(
         &self,
         def: &SagaDef,
         inst: &mut Inst,

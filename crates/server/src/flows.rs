@@ -108,6 +108,7 @@ fn actor(s: &SpanRecord) -> String {
         "request" => context_of_route(attr(s, "route")),
         "event" => context_of_group(attr(s, "group")),
         "saga.step" => context_of_step(attr(s, "step")),
+        "saga.transition" => format!("saga {}", attr(s, "saga")),
         _ => "flowline".into(),
     }
 }
@@ -124,7 +125,7 @@ pub fn sequence(spans: &[SpanRecord]) -> Diagram {
         let mut cur = s;
         for _ in 0..16 {
             match cur.name.as_str() {
-                "request" | "event" | "saga.step" => return actor(cur),
+                "request" | "event" | "saga.step" | "saga.transition" => return actor(cur),
                 _ => match cur.parent_id.as_deref().and_then(|p| by_id.get(p)) {
                     Some(p) => cur = p,
                     None => break,
@@ -613,6 +614,58 @@ mod tests {
         assert_eq!(
             arrows.iter().filter(|a| a.2.starts_with("start")).count(),
             1
+        );
+    }
+
+    #[test]
+    fn what_a_saga_transition_publishes_comes_from_the_saga() {
+        let spans = vec![
+            span(
+                "s1",
+                None,
+                "saga.step",
+                0,
+                3_000,
+                json!({"saga": "order.place", "step": "create_shipment", "phase": "do", "attempt": 1, "status": "ok"}),
+            ),
+            span(
+                "p1",
+                Some("s1"),
+                "publish",
+                1_000,
+                0,
+                json!({"topic": "shipping.events", "event_type": "shipment.created"}),
+            ),
+            span(
+                "t1",
+                Some("s1"),
+                "saga.transition",
+                2_000,
+                500,
+                json!({"saga": "order.place"}),
+            ),
+            span(
+                "p2",
+                Some("t1"),
+                "publish",
+                2_100,
+                0,
+                json!({"topic": "orders.events", "event_type": "order.confirmed"}),
+            ),
+        ];
+        let d = sequence(&spans);
+        let arrows: Vec<(&str, &str)> = d
+            .messages
+            .iter()
+            .map(|m| (m.from.as_str(), m.to.as_str()))
+            .collect();
+        assert_eq!(
+            arrows,
+            [
+                ("saga order.place", "shipping"),
+                ("shipping", "shipping.events"),
+                ("saga order.place", "orders.events"),
+            ]
         );
     }
 
