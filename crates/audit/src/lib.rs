@@ -611,11 +611,7 @@ impl Audit {
         }
         let limit = page_limit(filter.limit);
         args.push(Arg::Int(limit + 1));
-        let filter_sql = if conds.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conds.join(" AND "))
-        };
+        let filter_sql = where_clause(&conds);
         let sql = format!(
             "SELECT {RECORD_COLUMNS} FROM audit_records {filter_sql} ORDER BY seq DESC LIMIT ${}",
             args.len()
@@ -652,11 +648,7 @@ impl Audit {
         }
         let limit = page_limit(filter.limit);
         args.push(Arg::Int(limit + 1));
-        let filter_sql = if conds.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", conds.join(" AND "))
-        };
+        let filter_sql = where_clause(&conds);
         let sql = format!(
             "SELECT {ALERT_COLUMNS} FROM audit_alerts {filter_sql} ORDER BY id DESC LIMIT ${}",
             args.len()
@@ -683,5 +675,14 @@ impl Handler for Audit {
     async fn handle(&self, ev: &RecordedEvent) -> Result<(), HandlerError> {
         self.append(ev).await?;
         Ok(())
+    }
+}
+
+/// `WHERE a AND b`, or nothing without conditions.
+fn where_clause(conds: &[String]) -> String {
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
     }
 }

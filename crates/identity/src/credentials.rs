@@ -52,10 +52,10 @@ impl Email {
     }
 
     /// `j***@example.com`: for logs, which never carry raw PII.
+    /// `a***@example.com`: the form logs, audit records and the audit
+    /// context's per-account rule all see (one definition, the redactor's).
     pub fn masked(&self) -> String {
-        let (local, domain) = self.0.split_once('@').unwrap_or((&self.0, ""));
-        let first: String = local.chars().take(1).collect();
-        format!("{first}***@{domain}")
+        flowline_telemetry::redact::mask_email(&self.0)
     }
 }
 

@@ -281,11 +281,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 settings.server.listen = l;
             }
-            crate::telemetry::init(&settings.log);
+            crate::telemetry::init(&settings.log, settings.telemetry.traces);
             serve(settings).await
         }
         Command::Migrate => {
-            crate::telemetry::init(&settings.log);
+            crate::telemetry::init(&settings.log, false);
             crate::app::migrate(&settings).await?;
             println!("migrations applied ({})", settings.backend()?.name());
             Ok(())
@@ -355,7 +355,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // without info lines mixing into the report.
             let mut log = settings.log.clone();
             log.level = "error".into();
-            crate::telemetry::init(&log);
+            crate::telemetry::init(&log, settings.telemetry.traces);
             crate::bench::run(settings, cmd).await
         }
         Command::Users(UsersCommand::Create {

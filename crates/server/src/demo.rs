@@ -47,7 +47,7 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<()> {
     // Errors only: the demo's own output is the report.
     let mut log = settings.log.clone();
     log.level = "error".into();
-    crate::telemetry::init(&log);
+    crate::telemetry::init(&log, true);
     match opts.url.clone() {
         Some(url) => remote(url, opts).await,
         None => embedded(settings, opts).await,

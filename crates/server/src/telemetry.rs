@@ -13,7 +13,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-pub fn init(settings: &LogSettings) {
+/// `traces`: whether spans are kept (`telemetry.traces`); only then does the
+/// trace layer ask sqlx for its per-statement events, which sqlx formats on
+/// every statement once anyone listens.
+pub fn init(settings: &LogSettings, traces: bool) {
     let filter = EnvFilter::try_from_env("FLOWLINE_LOG")
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -40,9 +43,14 @@ pub fn init(settings: &LogSettings) {
     };
     // The trace layer sees every info span whatever the log level, and
     // sqlx's per-statement events (debug) to count database calls.
+    let statements = if traces {
+        LevelFilter::DEBUG
+    } else {
+        LevelFilter::OFF
+    };
     let traces = Targets::new()
         .with_default(LevelFilter::INFO)
-        .with_target("sqlx::query", LevelFilter::DEBUG);
+        .with_target("sqlx::query", statements);
     let result = tracing_subscriber::registry()
         .with(fmt)
         .with(TraceLayer.with_filter(traces))

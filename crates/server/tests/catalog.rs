@@ -7,37 +7,13 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// (status, ETag, body).
 fn send(
     req: ureq::Request,
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Option<String>, Value) {
-    let req = match token {
-        Some(t) => req.set("authorization", &format!("Bearer {t}")),
-        None => req,
-    };
-    let res = match body {
-        Some(b) => req
-            .set("content-type", "application/json")
-            .send_string(&b.to_string()),
-        None => req.call(),
-    };
-    let res = match res {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{e}"),
-    };
-    let status = res.status();
-    let etag = res.header("etag").map(str::to_owned);
-    let text = res.into_string().unwrap_or_default();
-    (
-        status,
-        etag,
-        if text.is_empty() {
-            Value::Null
-        } else {
-            json(&text)
-        },
-    )
+    send_reading(req, token, body, "etag")
 }
 
 fn shirt(sku: &str, category: &str, brand: &str, price: i64) -> Value {

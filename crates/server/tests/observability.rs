@@ -11,35 +11,13 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-/// (status, x-trace-id, body) of an authenticated JSON request.
+/// (status, x-trace-id, body).
 fn traced(
     req: ureq::Request,
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Option<String>, Value) {
-    let req = match token {
-        Some(t) => req.set("authorization", &format!("Bearer {t}")),
-        None => req,
-    };
-    let res = match body {
-        Some(b) => req
-            .set("content-type", "application/json")
-            .send_string(&b.to_string()),
-        None => req.call(),
-    };
-    let res = match res {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{e}"),
-    };
-    let status = res.status();
-    let trace = res.header("x-trace-id").map(str::to_owned);
-    let text = res.into_string().unwrap_or_default();
-    let v = if text.is_empty() {
-        Value::Null
-    } else {
-        json(&text)
-    };
-    (status, trace, v)
+    send_reading(req, token, body, "x-trace-id")
 }
 
 fn admin_get(s: &Server, admin: &str, path: &str) -> (u16, Value) {

@@ -871,6 +871,5 @@ async fn a_trace_continues_across_the_log_into_the_handler() {
         assert_eq!(handled.parent_id.as_deref(), Some(publ.span_id.as_str()));
         assert_eq!(handled.attrs["group"], "tracer");
         assert_eq!(handled.attrs["event_type"], "test.happened");
-        assert!(req.db_calls == 0 || req.db_us >= 0);
     }
 }

@@ -234,6 +234,38 @@ pub fn send(
     (status, replayed, v)
 }
 
+/// (status, the response's `header`, body) of a JSON request, signed in or not.
+pub fn send_reading(
+    req: ureq::Request,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+    header: &str,
+) -> (u16, Option<String>, serde_json::Value) {
+    let req = match token {
+        Some(t) => req.set("authorization", &format!("Bearer {t}")),
+        None => req,
+    };
+    let res = match body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let res = match res {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = res.status();
+    let value = res.header(header).map(str::to_owned);
+    let text = res.into_string().unwrap_or_default();
+    let v = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        json(&text)
+    };
+    (status, value, v)
+}
+
 pub fn register(s: &Server, email: &str) -> String {
     let body = serde_json::json!({ "email": email, "password": "a long enough passphrase", "display_name": "Shopper" });
     let (st, _, b) = call(
